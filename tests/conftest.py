@@ -1,0 +1,52 @@
+"""Shared test set-up: offline settings, paths to ../shared, and a tiny random Hugging Face GPT-2 on disk."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(ROOT, "..", "shared")
+DATA = os.path.join(SHARED, "data")
+sys.path.insert(0, ROOT)
+
+# Nothing in the tests may wait on a network: use the local copies in ../shared (a user's own setting wins).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
+
+
+def make_hf_model(n_layer=2, n_head=2, n_embd=64, n_positions=128, vocab_size=50257, seed=0):
+    """A random transformers GPT2LMHeadModel in which every parameter, biases and LayerNorms included, has
+    non-trivial random values (HF's own init leaves biases at 0 and LayerNorms at 1, which would hide a bias
+    that was never copied)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                        vocab_size=vocab_size, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture
+def hf_model_dir(tmp_path):
+    """A folder with a saved tiny random GPT-2 (config.json + weights), as save_pretrained writes it."""
+    model = make_hf_model()
+    path = tmp_path / "tiny-gpt2"
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def shakespeare():
+    path = os.path.join(DATA, "input.txt")
+    assert os.path.isfile(path), f"{path} is missing: the tests need ../shared beside the project"
+    return path

@@ -1,0 +1,171 @@
+"""The GPT-2 model: parity with Hugging Face, parameter counts, initialisation, sampling, the tokenizer."""
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, make_hf_model
+import train_gpt2
+from train_gpt2 import GPT, GPTConfig
+
+
+# --- parity with Hugging Face's GPT-2 -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n_layer,n_head,n_embd", [(2, 2, 64), (3, 4, 96), (4, 4, 128)])
+def test_logits_and_loss_match_hugging_face(tmp_path, n_layer, n_head, n_embd):
+    hf = make_hf_model(n_layer, n_head, n_embd, seed=n_layer)
+    hf.save_pretrained(tmp_path)
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (n_layer, n_head, n_embd)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 50257, (3, 40), generator=g)
+    with torch.no_grad():
+        logits, loss = model(idx, targets=idx)
+        out = hf(idx, labels=idx)
+    rel = ((logits - out.logits).abs().max() / out.logits.abs().max()).item()
+    assert rel < 1e-5, rel
+    # HF's loss predicts idx[t+1] from position t; ours takes explicit targets: give it the same pairs
+    _, shifted_loss = model(idx[:, :-1], targets=idx[:, 1:])
+    assert abs(shifted_loss.item() - out.loss.item()) < 1e-5
+
+
+def test_greedy_continuation_matches_hf_generate(hf_model_dir):
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(hf_model_dir).eval()
+    model = GPT.from_pretrained(hf_model_dir)
+    prompt = [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+    expected = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=20, pad_token_id=50256)
+    tokens, _ = train_gpt2.sample(model, prompt, num_return_sequences=1, max_length=len(prompt) + 20, top_k=1)
+    assert tokens[0] == expected[0].tolist()
+
+
+def test_from_pretrained_names_the_missing_or_mismatched_key(tmp_path):
+    hf = make_hf_model()
+    model = GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=64))
+    del hf.transformer.h[1].mlp.c_fc.bias  # a checkpoint that lacks one weight
+    hf.transformer.h[1].mlp.c_fc.register_parameter("bias", None)
+    with pytest.raises(KeyError, match=r"h\.1\.mlp\.c_fc\.bias"):
+        train_gpt2.copy_hf_weights(hf, model)
+    hf = make_hf_model()
+    wider = GPT(GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=64))
+    with pytest.raises(ValueError, match=r"transformer\.wpe\.weight"):
+        train_gpt2.copy_hf_weights(hf, wider)
+    deeper = GPT(GPTConfig(block_size=128, n_layer=3, n_head=2, n_embd=64))
+    with pytest.raises(KeyError, match=r"h\.2\."):
+        train_gpt2.copy_hf_weights(hf, deeper)
+
+
+def test_from_pretrained_unknown_name_is_a_user_error():
+    with pytest.raises(train_gpt2.UserError, match="unknown model 'gpt3'"):
+        GPT.from_pretrained("gpt3")
+
+
+def test_from_pretrained_offline_is_a_one_line_user_error(monkeypatch):
+    # HF_HUB_OFFLINE=1 and no cached gpt2: transformers cannot get the files
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(train_gpt2.UserError, match="could not load 'gpt2'"):
+        GPT.from_pretrained("gpt2")
+
+
+# --- the 124M shape ---------------------------------------------------------------------------------------------
+
+def test_parameter_counts_of_the_124M_model():
+    with torch.device("meta"):  # shapes only: no memory, no time
+        counts = {v: sum(p.numel() for p in GPT(GPTConfig(vocab_size=v)).parameters()) for v in (50257, 50304)}
+    assert counts == {50257: 124_439_808, 50304: 124_475_904}  # the tied matrix is counted once
+
+
+def test_pretrained_shapes_are_gpt2s():
+    assert GPT.PRETRAINED_SHAPES == {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
+                                     "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
+
+
+# --- initialisation ----------------------------------------------------------------------------------------------
+
+def test_weight_tying_is_one_tensor():
+    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_fresh_model_loss_is_near_uniform():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=64))
+    idx, targets = torch.randint(0, 50257, (2, 4, 64))  # independent targets (idx itself would favour the
+    _, loss = model(idx, targets)                           # tied embedding row of each input token)
+    assert abs(loss.item() - math.log(50257)) < 0.3
+
+
+def test_initialisation_stds():
+    torch.manual_seed(0)
+    n_layer = 6
+    model = GPT(GPTConfig(block_size=256, n_layer=n_layer, n_head=4, n_embd=256))
+    resid = 0.02 / math.sqrt(2 * n_layer)
+    for block in model.transformer.h:
+        for w in (block.attn.c_proj.weight, block.mlp.c_proj.weight):
+            assert abs(w.std().item() - resid) / resid < 0.05
+        assert abs(block.mlp.c_fc.weight.std().item() - 0.02) < 0.001
+        assert block.attn.c_attn.bias.abs().max().item() == 0.0
+    assert abs(model.transformer.wte.weight.std().item() - 0.02) < 0.001
+    assert abs(model.transformer.wpe.weight.std().item() - 0.01) < 0.0005
+
+
+def test_sequence_longer_than_block_size_raises():
+    model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=16))
+    with pytest.raises(ValueError, match="17.*16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+
+
+# --- sampling ----------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def small_model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=64, n_layer=2, n_head=2, n_embd=32))
+
+
+def test_sampling_is_seeded(small_model):
+    prompt = "Hello, I'm a language model,"
+    a, texts = train_gpt2.sample(small_model, prompt, num_return_sequences=3, max_length=20, seed=42)
+    b, _ = train_gpt2.sample(small_model, prompt, num_return_sequences=3, max_length=20, seed=42)
+    c, _ = train_gpt2.sample(small_model, prompt, num_return_sequences=3, max_length=20, seed=43)
+    assert a == b and a != c
+    assert all(len(t) == 20 for t in a) and all(t.startswith(prompt) for t in texts)
+    assert a[0][:8] == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+
+
+def test_top_k_never_leaves_the_top_k(small_model):
+    prompt = torch.tensor([[15496, 11, 314, 1101]])
+    g = torch.Generator().manual_seed(0)
+    k = 5
+    idx = prompt.repeat(64, 1)
+    out = train_gpt2.generate(small_model, idx, 1, top_k=k, generator=g)
+    with torch.no_grad():
+        logits, _ = small_model(prompt)
+    allowed = set(torch.topk(logits[0, -1], k).indices.tolist())
+    drawn = set(out[:, -1].tolist())
+    assert drawn <= allowed and len(drawn) > 1  # sampled (not greedy), and only from the top k
+
+
+def test_sampling_crops_to_block_size(small_model):
+    idx = torch.randint(0, 50257, (1, 60))
+    out = train_gpt2.generate(small_model, idx, 10, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 70)
+    assert small_model.training  # generate restores the mode it found
+
+
+# --- tokenizer and import ---------------------------------------------------------------------------------------
+
+def test_tokenizer_ids():
+    enc = train_gpt2.get_tokenizer()
+    assert enc.encode("Hello, I'm a language model,") == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+    assert enc.eot_token == 50256
+
+
+def test_import_does_nothing():
+    out = subprocess.run([sys.executable, "-c", "import train_gpt2"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout == "" and out.stderr == ""
