@@ -735,9 +735,10 @@ MATH_SETTINGS = ("data", "total_batch_size", "batch_size", "seq_len", "max_steps
                  "init_from")
 
 
-def train(s, rt, resume_ckpt=None):
+def train(s, rt, resume_ckpt=None, reasons=()):
     """The training loop. `s` is the resolved settings (a Namespace), `rt` the Runtime, `resume_ckpt` a loaded
-    checkpoint to continue from (or None)."""
+    checkpoint to continue from (or None), `reasons` the automatic choices made, for config.json.
+    Everything that can fail on bad input (data, model, checkpoint) is checked before the first file is written."""
     log = rt.print0
     torch.manual_seed(s.seed)  # the same initial weights on every process
     if rt.device_type == "cuda":
@@ -782,8 +783,11 @@ def train(s, rt, resume_ckpt=None):
     # --- resume ---
     start_step, val_loss = 0, None
     if resume_ckpt is not None:
-        raw_model.load_state_dict(resume_ckpt["model"])
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        try:
+            raw_model.load_state_dict(resume_ckpt["model"])
+            optimizer.load_state_dict(resume_ckpt["optimizer"])
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise UserError(f"--resume: the checkpoint does not fit this model ({str(e).splitlines()[0][:200]})") from e
         train_loader.load_state_dict(resume_ckpt["loader"])
         set_rng_state(resume_ckpt["rng"], rt)
         start_step, val_loss = resume_ckpt["step"], resume_ckpt["val_loss"]
@@ -795,6 +799,9 @@ def train(s, rt, resume_ckpt=None):
         os.makedirs(s.log_dir, exist_ok=True)
         if resume_ckpt is None:
             open(log_file, "w").close()  # a fresh run starts a fresh log; a resumed run appends to it
+        with open(os.path.join(s.log_dir, "config.json"), "w") as f:
+            json.dump({"settings": vars(s), "why": list(reasons), "world_size": rt.world_size,
+                       "device": rt.device, "dtype": rt.dtype, "grad_accum_steps": grad_accum_steps}, f, indent=2)
 
     def log_line(text):
         if rt.master:
@@ -1061,13 +1068,7 @@ def main(argv=None):
                 check_resume(s, resume_ckpt, path)
         for r in reasons:
             rt.print0(r)
-        settings = {k: v for k, v in vars(s).items()}
-        if rt.master:
-            os.makedirs(s.log_dir, exist_ok=True)
-            with open(os.path.join(s.log_dir, "config.json"), "w") as f:
-                json.dump({"settings": settings, "why": reasons, "world_size": rt.world_size,
-                           "device": rt.device, "dtype": rt.dtype}, f, indent=2)
-        return train(s, rt, resume_ckpt)
+        return train(s, rt, resume_ckpt, reasons)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
