@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import DATA, ROOT
 import train_gpt2
 from train_gpt2 import GPT, GPTConfig, DataLoaderLite
 
@@ -219,17 +219,22 @@ def run_torchrun(nproc, args, cwd):
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
 
 
-def test_ddp_on_2_processes_logs_the_same_losses_as_1(tmp_path, shakespeare):
+def test_ddp_on_2_processes_logs_the_same_losses_and_hellaswag_as_1(tmp_path, shakespeare):
+    hella = os.path.join(DATA, "hellaswag_val_cleaned.jsonl")
     args = ["--data", shakespeare, *TINY, "--batch_size", "2", "--seq_len", "32", "--total_batch_size", "256",
             "--max_steps", "4", "--warmup_steps", "2", "--eval_every", "2", "--val_tokens", "640",
-            "--sample_every", "0", "--checkpoint_every", "0"]
+            "--sample_every", "0", "--checkpoint_every", "0", "--hellaswag_every", "4",
+            "--hellaswag_file", hella, "--hellaswag_examples", "41", "--hellaswag_batch_size", "4"]
     one = run_torchrun(1, args + ["--log_dir", "one"], tmp_path)
     two = run_torchrun(2, args + ["--log_dir", "two"], tmp_path)
     assert one.returncode == 0, one.stderr[-2000:]
     assert two.returncode == 0, two.stderr[-2000:]
     assert "ddp: 2 processes, backend gloo" in two.stdout
     a, b = read_log(tmp_path / "one" / "log.txt"), read_log(tmp_path / "two" / "log.txt")
-    assert sorted(a) == sorted(b) and len(a) == 4 + 3  # 4 train lines, val at steps 0, 2, 4
+    assert sorted(a) == sorted(b) and len(a) == 4 + 3 + 2  # 4 train lines, val at steps 0, 2, 4, hella at 0, 4
     for key in a:
         assert abs(a[key] - b[key]) < 1e-5, (key, a[key], b[key])
+    # HellaSwag: each process scored every other example (41 is odd: the split is uneven), the counts were summed
+    assert a[(0, "hella")] == b[(0, "hella")] and a[(4, "hella")] == b[(4, "hella")]
+    assert "hellaswag: 41 val examples" in two.stdout
     assert "gradient accumulation: 4 micro-steps" in one.stdout and "2 micro-steps" in two.stdout
