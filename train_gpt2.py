@@ -907,8 +907,8 @@ PRESETS = {
         max_lr=6e-4, warmup_steps=10, max_steps=50,  # the lecture's first learning check: loss ~6 at step 49
         eval_every=25, hellaswag_every=0, sample_every=50, checkpoint_every=50, val_tokens=10**9,
     ),
-    # CPU (or MPS), no shards: a small model that learns Tiny Shakespeare in minutes on a laptop.
-    "small-shakespeare": dict(
+    # CPU (or MPS): a small model that learns Tiny Shakespeare in minutes on a laptop.
+    "small": dict(
         n_layer=4, n_head=4, n_embd=128, total_batch_size=8 * 128, batch_size=8, seq_len=128,
         max_lr=2e-3,  # small models tolerate (and need) a larger learning rate than 124M
         # 290 x 1024 tokens: just under one pass over the 304K training tokens (a second pass overfits: the
@@ -990,10 +990,10 @@ def resolve_settings(args, rt, reasons):
                 torch.distributed.barrier()  # the other processes wait for the download
     if not os.path.exists(s.data):
         raise UserError(f"--data {s.data} does not exist; pass a text file or a folder of fineweb.py shards")
-    if os.path.isdir(s.data):
-        preset = "gpt2-124M-fineweb"
+    if rt.device_type != "cuda":
+        preset = "small"  # the 124M model would need weeks on a CPU: a small model shows learning in minutes
     else:
-        preset = "gpt2-124M-shakespeare" if rt.device_type == "cuda" else "small-shakespeare"
+        preset = "gpt2-124M-fineweb" if os.path.isdir(s.data) else "gpt2-124M-shakespeare"
     filled = [k for k, v in PRESETS[preset].items() if getattr(s, k) is None]
     for k in filled:
         setattr(s, k, PRESETS[preset][k])
@@ -1075,6 +1075,7 @@ def main(argv=None):
                 check_resume(s, resume_ckpt, path)
         for r in reasons:
             rt.print0(r)
+        rt.print0("settings: " + " ".join(f"--{k} {v}" for k, v in vars(s).items()))
         return train(s, rt, resume_ckpt, reasons)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
