@@ -886,7 +886,80 @@ def train(s, rt, resume_ckpt=None, reasons=()):
 
 
 # -----------------------------------------------------------------------------
-# 9. Command line
+# 9. Using a trained model: sampling from the command line, export to Hugging Face
+
+# OpenAI's GPT-2 tokenizer files: tiktoken reads them (and caches them, checking their sha256), and they are
+# exactly what Hugging Face calls vocab.json and merges.txt
+GPT2_TOKENIZER_FILES = {
+    "vocab.json": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+                   "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+    "merges.txt": ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+                   "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+}
+
+
+def sample_command(s):
+    """--sample: print samples from one of our checkpoints or a Hugging Face GPT-2 name/folder."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(s.sample, device)
+    enc = get_tokenizer()
+    max_length = len(enc.encode(s.prompt)) + s.max_new_tokens
+    if max_length > model.config.block_size:
+        raise UserError(f"prompt + --max_new_tokens = {max_length} tokens, more than the model's block size "
+                        f"{model.config.block_size}; ask for fewer tokens")
+    _, texts = sample(model, s.prompt, num_return_sequences=s.num_samples, max_length=max_length,
+                      top_k=s.top_k, seed=s.seed, device=device, enc=enc)
+    for i, text in enumerate(texts):
+        print(f"sample {i}: {text}")
+    return 0
+
+
+def export_hf(checkpoint, out_dir):
+    """Write one of our checkpoints as a standard transformers GPT-2 folder (config.json, model.safetensors and
+    the tokenizer files), loadable by GPT2LMHeadModel.from_pretrained and pipeline("text-generation")."""
+    from tiktoken.load import read_file_cached
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise UserError(f"{out_dir} exists and is not empty; choose a new folder")
+    model = load_model(checkpoint, "cpu")
+    c = model.config
+    vocab_size = 50257  # GPT-2's real vocabulary
+    if c.vocab_size < vocab_size:
+        raise UserError(f"{checkpoint} has a vocabulary of {c.vocab_size}, smaller than GPT-2's {vocab_size}")
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_positions=c.block_size, n_embd=c.n_embd,
+                                    n_layer=c.n_layer, n_head=c.n_head, bos_token_id=50256, eos_token_id=50256))
+    sd = model.state_dict()
+    sd_hf = hf.state_dict()
+    buffers_hf = {name for name, _ in hf.named_buffers()}
+    with torch.no_grad():
+        for k in sd_hf:
+            if k in buffers_hf:
+                continue
+            src = sd[k].t() if k.endswith(CONV1D_SUFFIXES) else sd[k]
+            if k in ("transformer.wte.weight", "lm_head.weight"):
+                # Cut the padded vocabulary (50304) back to 50257 rows. The extra rows never win a prediction that
+                # matters: no training target is ever one of them, so training only pushes their logits down.
+                src = src[:vocab_size]
+            sd_hf[k].copy_(src)
+    tmp = out_dir.rstrip("/\\") + ".tmp"
+    hf.save_pretrained(tmp)  # config.json + model.safetensors
+    for name, (url, sha256) in GPT2_TOKENIZER_FILES.items():
+        data = read_file_cached(url, sha256)  # from tiktoken's cache, or downloaded and checked
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(data)
+    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": c.block_size,
+                   "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
+    if os.path.exists(out_dir):
+        os.rmdir(out_dir)  # empty, checked above
+    os.replace(tmp, out_dir)
+    print(f"exported {checkpoint} to {out_dir}")
+    return 0
+
+
+# -----------------------------------------------------------------------------
+# 10. Command line
 
 # The runs `python train_gpt2.py` picks when no flag says otherwise. Flags given on the command line win.
 PRESETS = {
@@ -968,6 +1041,15 @@ def build_parser():
     g.add_argument("--log_dir", default="log", help="where log.txt, config.json and checkpoints go")
     g.add_argument("--resume", default=None,
                    help="continue from a checkpoint file, or 'auto': the newest one in --log_dir (fresh start if none)")
+    g = p.add_argument_group("using a trained model (instead of training)")
+    g.add_argument("--sample", metavar="MODEL", default=None,
+                   help="print samples from a checkpoint of ours or a GPT-2 name/folder, then exit")
+    g.add_argument("--prompt", default="Hello, I'm a language model,", help="with --sample: the text to continue")
+    g.add_argument("--num_samples", type=int, default=4, help="with --sample: how many continuations")
+    g.add_argument("--max_new_tokens", type=int, default=64, help="with --sample: tokens to add to the prompt")
+    g.add_argument("--top_k", type=int, default=50, help="with --sample: sample from the k most likely tokens")
+    g.add_argument("--export_hf", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"), default=None,
+                   help="write a checkpoint as a Hugging Face GPT-2 folder (safetensors + tokenizer), then exit")
     return p
 
 
@@ -1060,6 +1142,12 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     rt = None
     try:
+        if args.sample is not None:
+            if min(args.num_samples, args.max_new_tokens, args.top_k) <= 0:
+                raise UserError("--num_samples, --max_new_tokens and --top_k must be positive")
+            return sample_command(args)
+        if args.export_hf is not None:
+            return export_hf(*args.export_hf)
         reasons = []
         rt = setup_runtime(args.device, reasons)
         s = resolve_settings(args, rt, reasons)
