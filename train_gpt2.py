@@ -562,8 +562,9 @@ class Runtime:
             print(*args, **kwargs, flush=True)
 
     def autocast(self):
-        # Speed-up: bf16 autocast runs matmuls in bfloat16 on the GPU's tensor cores (~2x over TF32), while
-        # weights, optimizer state and the reductions that need range (softmax, LayerNorm, loss) stay in fp32.
+        # Speed-up: bf16 autocast runs matmuls in bfloat16 on the GPU's tensor cores (twice TF32's peak rate on
+        # A100/H100 datasheets), while weights, optimizer state and the reductions that need range (softmax,
+        # LayerNorm, loss) stay in fp32.
         if self.dtype == "bfloat16":
             return torch.autocast(device_type=self.device_type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
@@ -613,11 +614,11 @@ def setup_runtime(requested_device, reasons):
     else:
         dtype = "float32"
         why = {"cuda": "this GPU has no bf16 support", "mps": "bf16 autocast on MPS is not worth it",
-               "cpu": "bf16 autocast is ~50x slower than fp32 on a CPU without bf16 units"}[device_type]
+               "cpu": "bf16 autocast is ~20x slower than fp32 on a CPU without bf16 units"}[device_type]
         reasons.append(f"dtype: float32 ({why})")
     if device_type == "cuda":
-        # Speed-up: let fp32 matmuls use TF32 tensor cores on Ampere and newer GPUs (10-bit mantissa, ~8x the
-        # fp32 rate on an A100); whatever bf16 autocast leaves in fp32 gets faster too.
+        # Speed-up: let fp32 matmuls use TF32 tensor cores on Ampere and newer GPUs (10-bit mantissa; 8x the
+        # fp32 peak on the A100 datasheet); whatever bf16 autocast leaves in fp32 gets faster too.
         torch.set_float32_matmul_precision("high")
     return Runtime(device=device, device_type=device_type, dtype=dtype, ddp=ddp, rank=rank,
                    local_rank=local_rank, world_size=world_size)
@@ -775,7 +776,7 @@ def train(s, rt, resume_ckpt=None, reasons=()):
     log(f"model: {raw_model.config} with {n_params:,} parameters")
     if s.compile:
         # Speed-up: torch.compile fuses the elementwise work (GELU, LayerNorm, residual adds) into few kernels and
-        # cuts Python overhead: ~2x faster steps on a GPU, after a minute of compiling on the first step.
+        # cuts Python overhead, at the price of compiling during the first step (not yet measured here: issue 8).
         model = torch.compile(model)
     no_sync = contextlib.nullcontext
     if rt.ddp:
