@@ -3,7 +3,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -237,8 +236,8 @@ def test_bad_input_from_the_command_line(tmp_path, existing_run):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt2.py"), "--data", "nope.txt",
                           "--log_dir", str(existing_run)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines() == [f"error: --data nope.txt does not exist; pass a text file or a "
-                                               f"folder of fineweb.py shards"]
+    assert out.stderr.strip().splitlines() == ["error: --data nope.txt does not exist; pass a text file or a "
+                                               "folder of fineweb.py shards"]
     assert snapshot(existing_run) == before
 
 
