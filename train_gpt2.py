@@ -122,7 +122,61 @@ class Block(nn.Module):
         return x
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """loss = cross_entropy(x @ W^T, targets), without ever holding the whole (N, V) matrix of logits.
+
+    The plain way builds the (B*T, V) logits (412 MB in fp32 at B=8, T=256, V=50304; 3.3 GB at B=16, T=1024),
+    log-softmaxes them into a second matrix of that size, and in the backward pass writes a third one, the
+    gradient. The output layer is most of the small model's work, so those passes over memory cost more
+    than its matmuls. Here the rows go through in chunks, and each chunk's gradients are worked out during
+    the forward pass, while its logits are still at hand: d loss / d logits = softmax(logits) - one_hot(target),
+    divided by N for the mean. The backward pass then only scales the saved gradients. Speed-up: a training
+    step of a 4-layer, 256-wide model with V=50304 on a 2-core CPU takes about 0.66x the time of Hugging
+    Face's GPT2LMHeadModel (bench.py --compare_hf; README), where the plain loss took about 1.0x.
+
+    Under autocast the matmuls run in its dtype (bf16) and the softmax in fp32, as with the plain loss."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows):
+        # x (N, C), weight (V, C), targets (N,)
+        N = x.size(0)
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        with_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # False under torch.no_grad()
+        grad_x = torch.empty_like(x) if with_grads else None  # (N, C)
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads else None  # (V, C)
+        loss = torch.zeros((), device=x.device, dtype=torch.float32)
+        with torch.autocast(device_type, enabled=False):  # the dtypes are chosen by hand below
+            w = weight.to(dtype)  # (V, C)
+            for start in range(0, N, chunk_rows):
+                xc = x[start:start + chunk_rows].to(dtype)  # (n, C)
+                tc = targets[start:start + chunk_rows]  # (n,)
+                logits = (xc @ w.t()).float()  # (n, C) @ (C, V) -> (n, V)
+                lse = torch.logsumexp(logits, dim=1)  # (n,): log of the softmax's denominator
+                loss += (lse - logits.gather(1, tc[:, None]).squeeze(1)).sum()  # -log p(target), summed
+                if with_grads:
+                    dlogits = logits.sub_(lse[:, None]).exp_()  # (n, V): softmax, in place of the logits
+                    dlogits[torch.arange(len(tc), device=x.device), tc] -= 1  # softmax - one_hot(target)
+                    dlogits = dlogits.to(dtype)
+                    grad_x[start:start + chunk_rows] = dlogits @ w  # (n, V) @ (V, C) -> (n, C)
+                    grad_weight += dlogits.t() @ xc  # (V, n) @ (n, C) -> (V, C), summed over chunks
+        ctx.save_for_backward(grad_x, grad_weight)
+        ctx.N = N
+        return loss / N
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_weight = ctx.saved_tensors
+        scale = grad_loss / ctx.N  # the 1/N of the mean, times the gradient flowing in (1/grad_accum_steps)
+        return grad_x * scale.to(grad_x.dtype), grad_weight * scale, None, None
+
+
 class GPT(nn.Module):
+    """model(idx) -> (logits (B, T, V), None); model(idx, targets) -> (None, mean loss): with targets the
+    logits are not built (see LinearCrossEntropy)."""
+
+    # logits held at once by the loss: 2**26 fp32 numbers = 256 MB, 1334 rows of V=50304
+    LOSS_CHUNK_ELEMENTS = 2**26
 
     def __init__(self, config):
         super().__init__()
@@ -170,12 +224,14 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x)  # (B, T, C)
         x = self.transformer.ln_f(x)  # (B, T, C)
-        logits = self.lm_head(x)  # (B, T, C) @ (C, V) -> (B, T, V)
-        loss = None
-        if targets is not None:
-            # mean cross-entropy over all B*T positions: (B*T, V) scores against (B*T,) targets
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        if targets is None:  # sampling and HellaSwag: the scores of every next token
+            return self.lm_head(x), None  # (B, T, C) @ (C, V) -> (B, T, V)
+        # Training and validation need only the mean cross-entropy over the B*T positions, so the (B, T, V)
+        # logits are never built: LinearCrossEntropy computes lm_head and the loss together, chunk by chunk.
+        chunk_rows = max(1, self.LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
+        x, targets = x.view(B * T, -1), targets.reshape(B * T)  # (B*T, C), (B*T,)
+        loss = LinearCrossEntropy.apply(x, self.lm_head.weight, targets, chunk_rows)
+        return None, loss
 
     # -------------------------------------------------------------------------
     # 2. OpenAI's weights, through Hugging Face transformers

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import ROOT, make_hf_model
 import train_gpt2
@@ -22,13 +23,72 @@ def test_logits_and_loss_match_hugging_face(tmp_path, n_layer, n_head, n_embd):
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 50257, (3, 40), generator=g)
     with torch.no_grad():
-        logits, loss = model(idx, targets=idx)
+        logits, no_loss = model(idx)
         out = hf(idx, labels=idx)
+        # HF's loss predicts idx[t+1] from position t; ours takes explicit targets: give it the same pairs
+        no_logits, shifted_loss = model(idx[:, :-1], targets=idx[:, 1:])
+    assert no_loss is None and no_logits is None
     rel = ((logits - out.logits).abs().max() / out.logits.abs().max()).item()
     assert rel < 1e-5, rel
-    # HF's loss predicts idx[t+1] from position t; ours takes explicit targets: give it the same pairs
-    _, shifted_loss = model(idx[:, :-1], targets=idx[:, 1:])
     assert abs(shifted_loss.item() - out.loss.item()) < 1e-5
+
+
+# --- the loss without the (B*T, V) logits ----------------------------------------------------------------------
+
+def _loss_and_grads(loss_fn, x0, w0, autocast=False):
+    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = loss_fn(x, w)
+    (loss * 0.25).backward()  # a scaled loss, as gradient accumulation makes it
+    return loss.detach(), x.grad, w.grad
+
+
+def _max_rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 10, 37, 100])
+def test_linear_cross_entropy_matches_the_plain_loss_and_its_gradients(chunk_rows):
+    g = torch.Generator().manual_seed(0)
+    N, C, V = 37, 16, 101  # 37 rows: chunks of 10 leave a ragged last chunk
+    x0, w0 = torch.randn(N, C, generator=g), torch.randn(V, C, generator=g)
+    t = torch.randint(0, V, (N,), generator=g)
+    ref = _loss_and_grads(lambda x, w: F.cross_entropy(F.linear(x, w), t), x0, w0)
+    out = _loss_and_grads(lambda x, w: train_gpt2.LinearCrossEntropy.apply(x, w, t, chunk_rows), x0, w0)
+    for got, want in zip(out, ref):
+        assert _max_rel(got, want) < 2e-6
+    with torch.no_grad():  # validation: the same loss, and no gradients to keep
+        assert abs(train_gpt2.LinearCrossEntropy.apply(x0, w0, t, chunk_rows).item() - ref[0].item()) < 1e-5
+
+
+def test_linear_cross_entropy_under_bf16_autocast_matches_the_plain_loss():
+    g = torch.Generator().manual_seed(1)
+    N, C, V = 64, 32, 300
+    x0, w0 = torch.randn(N, C, generator=g), torch.randn(V, C, generator=g) * 0.3
+    t = torch.randint(0, V, (N,), generator=g)
+    # the lecture's way under autocast: bf16 logits, a fp32 loss
+    ref = _loss_and_grads(lambda x, w: F.cross_entropy(F.linear(x, w).float(), t), x0, w0, autocast=True)
+    out = _loss_and_grads(lambda x, w: train_gpt2.LinearCrossEntropy.apply(x, w, t, 16), x0, w0, autocast=True)
+    assert [a.dtype for a in out] == [torch.float32] * 3  # fp32 loss, gradients in the dtype of x and W
+    assert _max_rel(out[0], ref[0]) < 1e-6  # the same bf16 logits, the same fp32 softmax
+    # the gradients differ by where each rounds to bf16: about bf16's 2**-8 relative precision
+    assert _max_rel(out[1], ref[1]) < 2e-2 and _max_rel(out[2], ref[2]) < 2e-2
+
+
+def test_compiled_model_gives_the_eager_loss_and_gradients():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16))
+    idx = torch.randint(0, 101, (2, 32))
+    grads = []
+    for m in (model, torch.compile(model)):  # torch.compile's default backend, Inductor, on the CPU
+        model.zero_grad(set_to_none=True)
+        _, loss = m(idx, idx)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    (eager_loss, eager_grads), (compiled_loss, compiled_grads) = grads
+    assert abs(eager_loss - compiled_loss) < 1e-5
+    for a, b in zip(compiled_grads, eager_grads):
+        assert _max_rel(a, b) < 1e-4
 
 
 def test_greedy_continuation_matches_hf_generate(hf_model_dir):
