@@ -622,6 +622,7 @@ class Runtime:
     rank: int
     local_rank: int
     world_size: int
+    peak_flops: float = None  # the GPU's bf16 dense peak, FLOP/s, for MFU; None when unknown (and on CPUs)
 
     @property
     def master(self):
@@ -645,6 +646,10 @@ class Runtime:
             torch.cuda.synchronize()
         elif self.device_type == "mps":
             torch.mps.synchronize()
+
+    def peak_memory(self):
+        """The most GPU memory PyTorch's tensors held at once so far, in bytes; None off CUDA."""
+        return torch.cuda.max_memory_allocated(self.device) if self.device_type == "cuda" else None
 
     def all_reduce_sum(self, t):
         if self.ddp:  # (gloo, the CPU backend, has no AVG: sum, then divide where a mean is needed)
@@ -690,8 +695,38 @@ def setup_runtime(requested_device, reasons):
         # Speed-up: let fp32 matmuls use TF32 tensor cores on Ampere and newer GPUs (10-bit mantissa; 8x the
         # fp32 peak on the A100 datasheet); whatever bf16 autocast leaves in fp32 gets faster too.
         torch.set_float32_matmul_precision("high")
+    peak_flops = gpu_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None
     return Runtime(device=device, device_type=device_type, dtype=dtype, ddp=ddp, rank=rank,
-                   local_rank=local_rank, world_size=world_size)
+                   local_rank=local_rank, world_size=world_size, peak_flops=peak_flops)
+
+
+# Model FLOPs utilisation (MFU, PaLM paper, appendix B): the FLOPs the model needs per second, as a fraction of
+# what the hardware can do. It counts the model's arithmetic, not the GPU's (recomputation or padding don't count).
+
+# bf16 dense peaks (no sparsity) from NVIDIA's datasheets, FLOP/s; the first name found in the device name wins
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+
+
+def gpu_peak_flops(device_name):
+    """The bf16 peak of a GPU from its name (torch.cuda.get_device_name), or None if we don't know it."""
+    for key, peak in GPU_PEAK_FLOPS.items():
+        if key in device_name:
+            return peak
+    return None
+
+
+def flops_per_token(config, T):
+    """Training FLOPs per token, forward and backward: 6N + 12*L*H*Q*T (PaLM paper, appendix B; H*Q = C).
+    6N: every weight does a multiply-add (2 FLOPs) per token forward and two backward (input and weight
+    gradients); N leaves out the position embeddings, which are looked up, not multiplied. 12*L*C*T: attention's
+    q @ k^T and att @ v, which have no weights. GPT-2 124M at T=1024: about 0.855 GFLOP per token."""
+    N = config.vocab_size * config.n_embd + config.n_layer * (12 * config.n_embd**2 + 13 * config.n_embd) \
+        + 2 * config.n_embd
+    return 6 * N + 12 * config.n_layer * config.n_embd * T
+
+
+def format_mfu(flops_per_second, peak_flops):
+    return "-" if peak_flops is None else f"{100 * flops_per_second / peak_flops:.1f}%"
 
 
 # -----------------------------------------------------------------------------
@@ -908,6 +943,7 @@ def train(s, rt, resume_ckpt=None, reasons=()):
     step = start_step
     t_start = time.time()
     tokens_per_step = s.total_batch_size
+    flops_per_step = flops_per_token(raw_model.config, T) * tokens_per_step  # for MFU (all processes together)
     with StopRequest() as stop:
         while True:
             last = step == s.max_steps
@@ -947,12 +983,14 @@ def train(s, rt, resume_ckpt=None, reasons=()):
             rt.synchronize()
             dt = time.time() - t0
             log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.2f}ms | "
-                f"tok/sec {tokens_per_step / dt:.0f}")
+                f"tok/sec {tokens_per_step / dt:.0f} | mfu {format_mfu(flops_per_step / dt / rt.world_size, rt.peak_flops)}")
             log_line(f"{step} train {loss:.6f}")
             step += 1
     elapsed = time.time() - t_start
+    peak_memory = rt.peak_memory()
     log(f"done: {s.max_steps - start_step} steps in {elapsed:.1f}s" +
-        (f", final validation loss {val_loss:.4f}" if val_loss is not None else ""))
+        (f", final validation loss {val_loss:.4f}" if val_loss is not None else "") +
+        (f", peak GPU memory {peak_memory / 2**30:.2f} GiB" if peak_memory is not None else ""))
     return 0
 
 

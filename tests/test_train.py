@@ -197,6 +197,31 @@ def test_learning_happens_on_tiny_shakespeare(tmp_path, shakespeare, capsys):
     out = capsys.readouterr().out
     assert "sample 0: Hello, I'm a language model," in out
     assert "step    49 | loss" in out and "| tok/sec" in out
+    assert "| mfu -" in out and "peak GPU memory" not in out  # a CPU has no datasheet peak, and no GPU memory
+
+
+# --- MFU -----------------------------------------------------------------------------------------------------------
+
+def test_flops_per_token_of_the_124M_model():
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+    # counted from the model itself: every parameter but the position embeddings does 6 FLOPs per token
+    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    expected = 6 * n + 12 * 12 * 768 * 1024
+    assert train_gpt2.flops_per_token(model.config, 1024) == expected
+    assert abs(expected - 0.855e9) < 0.001e9  # issue 8's "about 0.855 GFLOP/token"
+    # at 50% MFU one H100 would train on 989.4e12 * 0.5 / expected tokens per second: about 580K (issue 8)
+    assert 575e3 < 989.4e12 * 0.5 / expected < 585e3
+
+
+def test_gpu_peak_is_looked_up_by_name():
+    assert train_gpt2.gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert train_gpt2.gpu_peak_flops("NVIDIA H200") == 989.4e12
+    assert train_gpt2.gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert train_gpt2.gpu_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+    assert train_gpt2.gpu_peak_flops("NVIDIA GeForce RTX 4090") is None
+    assert train_gpt2.format_mfu(494.7e12, 989.4e12) == "50.0%"
+    assert train_gpt2.format_mfu(1e12, None) == "-"
 
 
 def test_overfitting_one_batch_drives_the_loss_to_zero(tmp_path):
