@@ -75,14 +75,16 @@ def test_linear_cross_entropy_under_bf16_autocast_matches_the_plain_loss():
     assert _max_rel(out[1], ref[1]) < 2e-2 and _max_rel(out[2], ref[2]) < 2e-2
 
 
-def test_compiled_model_gives_the_eager_loss_and_gradients():
+@pytest.mark.parametrize("bf16", [False, True])  # bf16 autocast + compile is what a GPU run does
+def test_compiled_model_gives_the_eager_loss_and_gradients(bf16):
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=2, n_head=2, n_embd=16))
     idx = torch.randint(0, 101, (2, 32))
     grads = []
     for m in (model, torch.compile(model)):  # torch.compile's default backend, Inductor, on the CPU
         model.zero_grad(set_to_none=True)
-        _, loss = m(idx, idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            _, loss = m(idx, idx)
         loss.backward()
         grads.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
     (eager_loss, eager_grads), (compiled_loss, compiled_grads) = grads
