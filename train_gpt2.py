@@ -143,12 +143,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     Under autocast the matmuls run in its dtype (bf16), as nn.Linear's would, and the softmax in fp32."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows):
-        # x (N, C), weight (V, C), targets (N,)
+    def forward(ctx, x, weight, targets, chunk_rows, with_grads):
+        # x (N, C), weight (V, C), targets (N,); with_grads: False for validation (torch.no_grad), which then
+        # costs one matmul per chunk instead of three. (ctx.needs_input_grad cannot tell: it ignores no_grad.)
         N, V = x.size(0), weight.size(0)
         device_type = x.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        with_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]  # False under torch.no_grad()
         grad_x = torch.empty_like(x) if with_grads else None  # (N, C)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if with_grads else None  # (V, C)
         loss = torch.zeros((), device=x.device, dtype=torch.float32)
@@ -179,14 +179,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_weight = ctx.saved_tensors
         scale = grad_loss / ctx.N  # the 1/N of the mean, times the gradient flowing in (1/grad_accum_steps)
-        return grad_x * scale.to(grad_x.dtype), grad_weight * scale, None, None
+        return grad_x * scale.to(grad_x.dtype), grad_weight * scale, None, None, None
 
 
 class GPT(nn.Module):
     """model(idx) -> (logits (B, T, V), None); model(idx, targets) -> (None, mean loss): with targets the
     logits are not built (see LinearCrossEntropy)."""
 
-    # logits held at once by the loss: 2**26 fp32 numbers = 256 MB, 1334 rows of V=50304
+    # logits held at once by the loss: at most 2**26 fp32 numbers = 256 MB; 1280 rows of V=50304
     LOSS_CHUNK_ELEMENTS = 2**26
 
     def __init__(self, config):
@@ -239,9 +239,9 @@ class GPT(nn.Module):
             return self.lm_head(x), None  # (B, T, C) @ (C, V) -> (B, T, V)
         # Training and validation need only the mean cross-entropy over the B*T positions, so the (B, T, V)
         # logits are never built: LinearCrossEntropy computes lm_head and the loss together, chunk by chunk.
-        chunk_rows = max(1, self.LOSS_CHUNK_ELEMENTS // self.config.vocab_size)
+        chunk_rows = max(128, self.LOSS_CHUNK_ELEMENTS // self.config.vocab_size // 128 * 128)  # tile-friendly
         x, targets = x.view(B * T, -1), targets.reshape(B * T)  # (B*T, C), (B*T,)
-        loss = LinearCrossEntropy.apply(x, self.lm_head.weight, targets, chunk_rows)
+        loss = LinearCrossEntropy.apply(x, self.lm_head.weight, targets, chunk_rows, torch.is_grad_enabled())
         return None, loss
 
     # -------------------------------------------------------------------------
@@ -683,7 +683,7 @@ def setup_runtime(requested_device, reasons):
             torch.cuda.set_device(device)
         torch.distributed.init_process_group(backend=backend)
         reasons.append(f"ddp: {world_size} processes, backend {backend}")
-    if device_type == "cuda" and torch.cuda.is_bf16_supported():
+    if device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):  # Ampere and newer
         dtype = "bfloat16"
         reasons.append("dtype: bfloat16 autocast (this GPU supports bf16)")
     else:
@@ -704,7 +704,8 @@ def setup_runtime(requested_device, reasons):
 # what the hardware can do. It counts the model's arithmetic, not the GPU's (recomputation or padding don't count).
 
 # bf16 dense peaks (no sparsity) from NVIDIA's datasheets, FLOP/s; the first name found in the device name wins
-GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
+GPU_PEAK_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200 NVL": 835e12, "H100": 989.4e12, "H200": 989.4e12,
+                  "A100": 312e12}
 
 
 def gpu_peak_flops(device_name):
@@ -718,7 +719,8 @@ def gpu_peak_flops(device_name):
 def flops_per_token(config, T):
     """Training FLOPs per token, forward and backward: 6N + 12*L*H*Q*T (PaLM paper, appendix B; H*Q = C).
     6N: every weight does a multiply-add (2 FLOPs) per token forward and two backward (input and weight
-    gradients); N leaves out the position embeddings, which are looked up, not multiplied. 12*L*C*T: attention's
+    gradients); N leaves out the position embeddings, which are looked up, not multiplied (the padding rows of a
+    padded vocabulary count: 0.03% at V=50304). 12*L*C*T: attention's
     q @ k^T and att @ v, which have no weights. GPT-2 124M at T=1024: about 0.855 GFLOP per token."""
     N = config.vocab_size * config.n_embd + config.n_layer * (12 * config.n_embd**2 + 13 * config.n_embd) \
         + 2 * config.n_embd
@@ -974,14 +976,14 @@ def train(s, rt, resume_ckpt=None, reasons=()):
                 return 128 + stop.signum
 
             rt.synchronize()
-            t0 = time.time()
+            t0 = time.perf_counter()
             lr = get_lr(step, s.max_lr, s.min_lr, s.warmup_steps, s.max_steps)
             try:
                 loss, norm = train_step(model, optimizer, train_loader, grad_accum_steps, lr, s.grad_clip, rt, no_sync)
             except TrainingDiverged as e:
                 raise TrainingDiverged(f"step {step}: {e}; stopping, the last good checkpoint is kept") from None
             rt.synchronize()
-            dt = time.time() - t0
+            dt = time.perf_counter() - t0
             log(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.2f}ms | "
                 f"tok/sec {tokens_per_step / dt:.0f} | mfu {format_mfu(flops_per_step / dt / rt.world_size, rt.peak_flops)}")
             log_line(f"{step} train {loss:.6f}")

@@ -54,11 +54,25 @@ def test_linear_cross_entropy_matches_the_plain_loss_and_its_gradients(chunk_row
     x0, w0 = torch.randn(N, C, generator=g), torch.randn(V, C, generator=g)
     t = torch.randint(0, V, (N,), generator=g)
     ref = _loss_and_grads(lambda x, w: F.cross_entropy(F.linear(x, w), t), x0, w0)
-    out = _loss_and_grads(lambda x, w: train_gpt2.LinearCrossEntropy.apply(x, w, t, chunk_rows), x0, w0)
+    out = _loss_and_grads(lambda x, w: train_gpt2.LinearCrossEntropy.apply(x, w, t, chunk_rows, True), x0, w0)
     for got, want in zip(out, ref):
         assert _max_rel(got, want) < 2e-6
     with torch.no_grad():  # validation: the same loss, and no gradients to keep
-        assert abs(train_gpt2.LinearCrossEntropy.apply(x0, w0, t, chunk_rows).item() - ref[0].item()) < 1e-5
+        assert abs(train_gpt2.LinearCrossEntropy.apply(x0, w0, t, chunk_rows, False).item() - ref[0].item()) < 1e-5
+
+
+def test_validation_loss_skips_the_gradient_matmuls(monkeypatch):
+    calls = []
+    matmul_into = train_gpt2._matmul_into
+    monkeypatch.setattr(train_gpt2, "_matmul_into", lambda *a, **k: calls.append(1) or matmul_into(*a, **k))
+    model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=1, n_head=2, n_embd=16))
+    idx = torch.randint(0, 101, (2, 32))  # 64 rows: one chunk
+    with torch.no_grad():
+        _, val_loss = model(idx, idx)
+    assert len(calls) == 1  # the logits only
+    _, loss = model(idx, idx)
+    assert len(calls) == 1 + 3  # the logits, then the gradients of x and of the weight
+    assert abs(loss.item() - val_loss.item()) < 1e-6
 
 
 def test_linear_cross_entropy_under_bf16_autocast_matches_the_plain_loss():
@@ -68,7 +82,7 @@ def test_linear_cross_entropy_under_bf16_autocast_matches_the_plain_loss():
     t = torch.randint(0, V, (N,), generator=g)
     # the lecture's way under autocast: bf16 logits, a fp32 loss
     ref = _loss_and_grads(lambda x, w: F.cross_entropy(F.linear(x, w).float(), t), x0, w0, autocast=True)
-    out = _loss_and_grads(lambda x, w: train_gpt2.LinearCrossEntropy.apply(x, w, t, 16), x0, w0, autocast=True)
+    out = _loss_and_grads(lambda x, w: train_gpt2.LinearCrossEntropy.apply(x, w, t, 16, True), x0, w0, autocast=True)
     assert [a.dtype for a in out] == [torch.float32] * 3  # fp32 loss, gradients in the dtype of x and W
     assert _max_rel(out[0], ref[0]) < 1e-6  # the same bf16 logits, the same fp32 softmax
     # the gradients differ by where each rounds to bf16: about bf16's 2**-8 relative precision
