@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 from torch.nn import functional as F
@@ -134,6 +135,7 @@ def bench_step(args, rt, cfg, B, T):
         # backend, so the "flash" rung would get the math rung's compiled code back
         torch._dynamo.reset()
         torch.compiler.config.force_disable_caches = True
+        warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")  # that is the point
         stepped = torch.compile(stepped)
     loader = RandomTokens(B, T, cfg.vocab_size)
     attention = contextlib.nullcontext()
@@ -190,9 +192,11 @@ def describe_machine(rt):
         print(f"device: {name} ({memory / 2**30:.0f} GiB), driver {nvidia_driver_version()}, torch {torch.__version__}, "
               f"CUDA {torch.version.cuda}; {peak}")
         return
+    rates = {"fp32": cpu_matmul_flops(), "fp32 at precision 'high'": cpu_matmul_flops(precision="high"),
+             "bf16": cpu_matmul_flops(torch.bfloat16)}
     print(f"device: CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; MFU against this CPU's "
-          f"measured matmul rate in each row's math: fp32 {cpu_matmul_flops() / 1e9:.0f} GFLOP/s "
-          "(2048 x 2048 x 2048, best of 5)")
+          "measured matmul rate in each row's math (2048 x 2048 x 2048, best of 5): " +
+          ", ".join(f"{name} {rate / 1e9:.0f} GFLOP/s" for name, rate in rates.items()))
 
 
 def nvidia_driver_version():
