@@ -189,8 +189,8 @@ def describe_machine(rt):
         memory = torch.cuda.get_device_properties(rt.device).total_memory
         peak = "MFU: '-' (add this GPU's bf16 dense peak to train_gpt2.GPU_PEAK_FLOPS)" if rt.peak_flops is None \
             else f"MFU against the bf16 dense peak, {rt.peak_flops / 1e12:.1f} TFLOP/s"
-        print(f"device: {name} ({memory / 2**30:.0f} GiB), driver {nvidia_driver_version()}, torch {torch.__version__}, "
-              f"CUDA {torch.version.cuda}; {peak}")
+        print(f"device: {name} ({memory / 2**30:.0f} GiB), driver {nvidia_driver_version()}, "
+              f"torch {torch.__version__}, CUDA {torch.version.cuda}; {peak}")
         return
     rates = {"fp32": cpu_matmul_flops(), "fp32 at precision 'high'": cpu_matmul_flops(precision="high"),
              "bf16": cpu_matmul_flops(torch.bfloat16)}
@@ -306,7 +306,8 @@ def compare_hf(args, rt):
         if abs(losses["ours"] - losses["hf"]) > tolerance * abs(losses["hf"]):
             raise RuntimeError(f"step {i}: our loss {losses['ours']:.6f} and HF's {losses['hf']:.6f} differ: "
                                "the two models are not doing the same math")
-        timed = "" if i < args.warmup else f"  ours {1000 * times['ours'][-1]:7.1f} ms  hf {1000 * times['hf'][-1]:7.1f} ms"
+        timed = "" if i < args.warmup else \
+            f"  ours {1000 * times['ours'][-1]:7.1f} ms  hf {1000 * times['hf'][-1]:7.1f} ms"
         print(f"step {i:3d}  loss ours {losses['ours']:.5f}  hf {losses['hf']:.5f}{timed}", flush=True)
     ours_s, hf_s = statistics.median(times["ours"]), statistics.median(times["hf"])
     print(f"median: ours {1000 * ours_s:.1f} ms, Hugging Face {1000 * hf_s:.1f} ms per step: "
@@ -324,7 +325,8 @@ def build_parser():
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--compare_hf", action="store_true",
                       help="time our step against Hugging Face GPT2LMHeadModel's (default shape: issue 8's CPU one)")
-    mode.add_argument("--ladder", action="store_true", help="time the lecture's speed-ups one at a time, at the first B")
+    mode.add_argument("--ladder", action="store_true",
+                      help="time the lecture's speed-ups one at a time, at the first B")
     p.add_argument("--rungs", nargs="+", default=None, help="with --ladder: time only these rungs (they still add up)")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=None,
                    help="micro-batch sizes B (default: 16 32 64 on a GPU, 4 8 16 on a CPU; --compare_hf: 8)")
