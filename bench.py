@@ -212,7 +212,7 @@ def run_table(args, rt):
     """The default: train_gpt2.py's own configuration at each batch size."""
     on_gpu = rt.device_type == "cuda"
     cfg = StepConfig(tf32=on_gpu, bf16=on_gpu and rt.dtype == "bfloat16", compile=args.compile,
-                     fused_adamw=True, vocab_size=args.vocab_size)
+                     fused_adamw=on_gpu, vocab_size=args.vocab_size)
     print(f"model: {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, vocab {args.vocab_size}; "
           f"T={args.seq_len}; grad_accum {args.grad_accum}; {args.warmup} warm-up steps, median of {args.steps}")
     print(f"configuration: {cfg}")
