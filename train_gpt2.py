@@ -1281,7 +1281,10 @@ def main(argv=None):
         for r in reasons:
             rt.print0(r)
         rt.print0("settings: " + " ".join(f"--{k} {v}" for k, v in vars(s).items()))
-        return train(s, rt, resume_ckpt, reasons)
+        code = train(s, rt, resume_ckpt, reasons)
+        if rt.ddp:  # leave together: no process tears its process group down while another one still uses it
+            torch.distributed.barrier()
+        return code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
