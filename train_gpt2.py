@@ -533,8 +533,8 @@ def configure_optimizer(model, weight_decay, learning_rate, device_type, log=pri
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # Speed-up: the fused CUDA kernel updates all parameters in a few launches instead of a loop over tensors.
     # (On a 2-core CPU the fused kernel took an optimizer step of 16M parameters from 43 to 7 ms. It was dropped
-    # while we chased aborts at the exit of 2-process CPU runs, which turned out to be a teardown race that a
-    # barrier fixed (see main); bringing it back to CPUs needs its own measurements.)
+    # while we chased aborts at the exit of 2-process CPU runs; they were not its doing (most likely a teardown
+    # race, see the barrier in main), so it can come back to CPUs, with its own measurements.)
     if fused is None:
         fused = device_type == "cuda"
     return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
