@@ -61,12 +61,19 @@ def time_steps(step, warmup, steps, synchronize):
     return times
 
 
-@functools.lru_cache
 def cpu_matmul_flops(dtype=torch.float32, precision="highest", n=2048, repeats=5):
     """The FLOP/s of one large (n, n) @ (n, n) matmul on this CPU in `dtype`, with fp32 matmuls at `precision`
     (torch.set_float32_matmul_precision), best of `repeats`: the CPU's practical peak in that math, which MFU is
     measured against (a CPU has no datasheet number that PyTorch reaches). Some CPUs have bf16 units, so a row
-    in bf16 is measured against the bf16 rate."""
+    in bf16 is measured against the bf16 rate. Measured once per process: the peak printed above the table is
+    the one its MFU column divides by."""
+    # lru_cache keys on how the arguments are spelled (f() and f(torch.float32) are two entries), so the cached
+    # function takes them all positionally
+    return _cpu_matmul_flops(dtype, precision, n, repeats)
+
+
+@functools.lru_cache
+def _cpu_matmul_flops(dtype, precision, n, repeats):
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
