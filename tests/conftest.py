@@ -50,3 +50,15 @@ def shakespeare():
     path = os.path.join(DATA, "input.txt")
     assert os.path.isfile(path), f"{path} is missing: the tests need ../shared beside the project"
     return path
+
+
+@pytest.fixture(autouse=True)
+def restore_matmul_precision():
+    """bench.py sets torch's process-wide fp32 matmul precision for its TF32 rows; a test that ran it must not
+    leave "high" behind for the fp32 parity tests after it (on a CPU with reduced-precision fp32 matmuls, e.g.
+    oneDNN's TF32 on AMX parts, they would fail only because of the test order)."""
+    import torch
+
+    precision = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(precision)
