@@ -959,7 +959,7 @@ def train(s, rt, resume_ckpt=None, reasons=()):
             if fresh and s.eval_every > 0 and (step % s.eval_every == 0 or last):
                 val_loss = evaluate_loss(raw_model, val_loader, val_chunks, rt)
                 log(f"validation loss: {val_loss:.4f}")
-                log_line(f"{step} val {val_loss:.4f}")
+                log_line(f"{step} val {val_loss:.6f}")  # 6 decimals like the train lines: tests compare runs at 1e-5
             if fresh and s.hellaswag_every > 0 and (step % s.hellaswag_every == 0 or last):
                 acc_norm = hellaswag_accuracy(raw_model, hella_examples, rt, s.hellaswag_batch_size)
                 log(f"HellaSwag accuracy: {acc_norm:.4f}")
