@@ -72,8 +72,22 @@ def run_fineweb(*args, cwd=REPO_ROOT):
                           text=True, timeout=120)
 
 
+# fineweb.py with a 50 ms pause after each shard it writes, for the tests that interrupt a run: without it the
+# last ~35 shards of big_input can all be written within a few ms (one worker's batch, a fast disk), and the
+# run could end between two polls of the manifest
+SLOW_SHARDS = """
+import sys, time, fineweb
+write_shard = fineweb.ShardWriter.write_shard
+def slow_write_shard(self, *args):
+    write_shard(self, *args)
+    time.sleep(0.05)
+fineweb.ShardWriter.write_shard = slow_write_shard
+sys.exit(fineweb.main(sys.argv[1:]))
+"""
+
+
 def start_fineweb(*args):
-    return subprocess.Popen([sys.executable, SCRIPT, *map(str, args)], cwd=REPO_ROOT, env=ENV,
+    return subprocess.Popen([sys.executable, "-c", SLOW_SHARDS, *map(str, args)], cwd=REPO_ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
