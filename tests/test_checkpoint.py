@@ -210,7 +210,8 @@ def bad_inputs(tmp_path, shakespeare):
         "no-shards": (["--data", str(empty)], "no train shards"),
         "seq-len": (ok + ["--seq_len", "128", "--total_batch_size", "256"], "longer than the model's block size"),
         "indivisible": (ok + ["--total_batch_size", "100"], "must be divisible"),
-        "cuda": (ok + ["--device", "cuda"], "no CUDA GPU"),
+        # a GPU this machine lacks: CUDA, or on a CUDA machine Apple's MPS
+        "no-gpu": (ok + ["--device", ABSENT_GPU], f"--device {ABSENT_GPU}, but this machine has no"),
         "zero-steps": (ok + ["--max_steps", "0"], "--max_steps must be positive"),
         "negative-batch": (ok + ["--batch_size", "-2"], "--batch_size must be positive"),
         "resume-missing": (ok + ["--resume", str(tmp_path / "missing.pt")], "does not exist"),
@@ -218,6 +219,9 @@ def bad_inputs(tmp_path, shakespeare):
         "init-from": (ok + ["--init_from", "gpt5"], "--init_from gpt5"),
     })
     return cases
+
+
+ABSENT_GPU = "mps" if torch.cuda.is_available() else "cuda"
 
 
 def test_bad_input_is_one_line_and_exit_2_and_touches_nothing(tmp_path, shakespeare, existing_run, capsys):
