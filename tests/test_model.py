@@ -1,5 +1,6 @@
 """The GPT-2 model: parity with Hugging Face, parameter counts, initialisation, sampling, the tokenizer."""
 import math
+import os
 import subprocess
 import sys
 
@@ -139,11 +140,14 @@ def test_from_pretrained_unknown_name_is_a_user_error():
         GPT.from_pretrained("gpt3")
 
 
-def test_from_pretrained_offline_is_a_one_line_user_error(monkeypatch):
-    # HF_HUB_OFFLINE=1 and no cached gpt2: transformers cannot get the files
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(train_gpt2.UserError, match="could not load 'gpt2'"):
-        GPT.from_pretrained("gpt2")
+def test_from_pretrained_offline_is_a_one_line_user_error(tmp_path):
+    # offline, with an empty Hugging Face cache (HF_HOME: a user's own cache may hold gpt2), from the command line
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([sys.executable, train_gpt2.__file__, "--sample", "gpt2"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: could not load 'gpt2'"), out.stderr
 
 
 # --- the 124M shape ---------------------------------------------------------------------------------------------
