@@ -33,7 +33,7 @@ def test_table_has_a_row_per_batch_size_with_consistent_numbers(capsys):
         low = flops * (tokens_per_second - 0.5) / (peak + 0.5e9) - 0.05
         high = flops * (tokens_per_second + 0.5) / (peak - 0.5e9) + 0.05
         assert low - 1e-9 <= float(mfu) <= high + 1e-9
-        assert 0 < float(mfu) < 100 and float(memory) > 0
+        assert float(mfu) < 100 and float(memory) > 0  # (a toy step on a loaded machine can print 0.0%)
 
 
 def test_cpu_peak_is_measured_once_however_the_arguments_are_spelled():
