@@ -143,8 +143,8 @@ def test_from_pretrained_unknown_name_is_a_user_error():
 def test_from_pretrained_offline_is_a_one_line_user_error(tmp_path):
     # offline, with an empty Hugging Face cache (HF_HOME: a user's own cache may hold gpt2), from the command line
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    out = subprocess.run([sys.executable, train_gpt2.__file__, "--sample", "gpt2"], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt2.py"), "--sample", "gpt2"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "Traceback" not in out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: could not load 'gpt2'"), out.stderr
