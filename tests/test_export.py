@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+import run_support
 import train_gpt2
 from train_gpt2 import GPT, GPTConfig
 
@@ -17,7 +18,7 @@ def checkpoint(tmp_path):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     path = str(tmp_path / "model_00010.pt")
-    train_gpt2.save_checkpoint(path, {"format": train_gpt2.CHECKPOINT_FORMAT, "step": 10,
+    run_support.save_checkpoint(path, {"format": run_support.CHECKPOINT_FORMAT, "step": 10,
                                       "model": model.state_dict(), "config": {"block_size": 64, "vocab_size": 50304,
                                                                               "n_layer": 2, "n_head": 2, "n_embd": 32}})
     return path, model.eval()

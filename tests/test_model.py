@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, make_hf_model
+import chunked_loss
+import run_support
 import train_gpt2
 from train_gpt2 import GPT, GPTConfig
 
@@ -27,11 +29,16 @@ def test_logits_and_loss_match_hugging_face(tmp_path, n_layer, n_head, n_embd):
         logits, no_loss = model(idx)
         out = hf(idx, labels=idx)
         # HF's loss predicts idx[t+1] from position t; ours takes explicit targets: give it the same pairs
-        no_logits, shifted_loss = model(idx[:, :-1], targets=idx[:, 1:])
-    assert no_loss is None and no_logits is None
+        shifted_logits, shifted_loss = model(idx[:, :-1], targets=idx[:, 1:].contiguous())
+    assert no_loss is None
     rel = ((logits - out.logits).abs().max() / out.logits.abs().max()).item()
     assert rel < 1e-5, rel
     assert abs(shifted_loss.item() - out.loss.item()) < 1e-5
+    # with targets the model still returns its logits (B, T, V), and the loss is the lecture's cross-entropy on them
+    assert shifted_logits.shape == (3, 39, 50257)
+    torch.testing.assert_close(shifted_logits, logits[:, :-1], rtol=0, atol=0)
+    expected = F.cross_entropy(shifted_logits.reshape(-1, 50257), idx[:, 1:].reshape(-1))
+    assert shifted_loss.item() == expected.item()
 
 
 # --- the loss without the (B*T, V) logits ----------------------------------------------------------------------
@@ -55,18 +62,18 @@ def test_linear_cross_entropy_matches_the_plain_loss_and_its_gradients(chunk_row
     x0, w0 = torch.randn(N, C, generator=g), torch.randn(V, C, generator=g)
     t = torch.randint(0, V, (N,), generator=g)
     ref = _loss_and_grads(lambda x, w: F.cross_entropy(F.linear(x, w), t), x0, w0)
-    out = _loss_and_grads(lambda x, w: train_gpt2.LinearCrossEntropy.apply(x, w, t, chunk_rows, True), x0, w0)
+    out = _loss_and_grads(lambda x, w: chunked_loss.LinearCrossEntropy.apply(x, w, t, chunk_rows, True), x0, w0)
     for got, want in zip(out, ref):
         assert _max_rel(got, want) < 2e-6
     with torch.no_grad():  # validation: the same loss, and no gradients to keep
-        assert abs(train_gpt2.LinearCrossEntropy.apply(x0, w0, t, chunk_rows, False).item() - ref[0].item()) < 1e-5
+        assert abs(chunked_loss.LinearCrossEntropy.apply(x0, w0, t, chunk_rows, False).item() - ref[0].item()) < 1e-5
 
 
 def test_validation_loss_skips_the_gradient_matmuls(monkeypatch):
     calls = []
-    matmul_into = train_gpt2._matmul_into
-    monkeypatch.setattr(train_gpt2, "_matmul_into", lambda *a, **k: calls.append(1) or matmul_into(*a, **k))
-    model = GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=1, n_head=2, n_embd=16))
+    matmul_into = chunked_loss._matmul_into
+    monkeypatch.setattr(chunked_loss, "_matmul_into", lambda *a, **k: calls.append(1) or matmul_into(*a, **k))
+    model = chunked_loss.ChunkedLossGPT(GPT(GPTConfig(block_size=32, vocab_size=101, n_layer=1, n_head=2, n_embd=16)))
     idx = torch.randint(0, 101, (2, 32))  # 64 rows: one chunk
     with torch.no_grad():
         _, val_loss = model(idx, idx)
@@ -76,6 +83,29 @@ def test_validation_loss_skips_the_gradient_matmuls(monkeypatch):
     assert abs(loss.item() - val_loss.item()) < 1e-6
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_chunked_loss_model_gives_the_lectures_loss_and_gradients(bf16):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=301, n_layer=2, n_head=2, n_embd=32))
+    chunked = chunked_loss.ChunkedLossGPT(model)
+    chunked.LOSS_CHUNK_ELEMENTS = 128 * 301  # 128-row chunks: 3 chunks of the 320 rows, the last one ragged
+    assert list(chunked.parameters()) == list(model.parameters())  # it adds no weights of its own
+    idx, targets = torch.randint(0, 301, (2, 10, 32))
+    results = []
+    for m in (model, chunked):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits, loss = m(idx, targets)
+        (loss / 4).backward()  # scaled, as gradient accumulation does
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()], logits))
+    (plain_loss, plain_grads, plain_logits), (chunked_value, chunked_grads, no_logits) = results
+    assert plain_logits.shape == (10, 32, 301) and no_logits is None
+    assert abs(plain_loss - chunked_value) < (1e-5 if bf16 else 1e-6)
+    for a, b in zip(chunked_grads, plain_grads):
+        # fp32: rounding only; bf16: each rounds the logits' gradient to bf16 at a different place (2**-8)
+        assert _max_rel(a, b) < (2e-2 if bf16 else 1e-5)
+
+
 def test_linear_cross_entropy_under_bf16_autocast_matches_the_plain_loss():
     g = torch.Generator().manual_seed(1)
     N, C, V = 64, 32, 300
@@ -83,7 +113,7 @@ def test_linear_cross_entropy_under_bf16_autocast_matches_the_plain_loss():
     t = torch.randint(0, V, (N,), generator=g)
     # the lecture's way under autocast: bf16 logits, a fp32 loss
     ref = _loss_and_grads(lambda x, w: F.cross_entropy(F.linear(x, w).float(), t), x0, w0, autocast=True)
-    out = _loss_and_grads(lambda x, w: train_gpt2.LinearCrossEntropy.apply(x, w, t, 16, True), x0, w0, autocast=True)
+    out = _loss_and_grads(lambda x, w: chunked_loss.LinearCrossEntropy.apply(x, w, t, 16, True), x0, w0, autocast=True)
     assert [a.dtype for a in out] == [torch.float32] * 3  # fp32 loss, gradients in the dtype of x and W
     assert _max_rel(out[0], ref[0]) < 1e-6  # the same bf16 logits, the same fp32 softmax
     # the gradients differ by where each rounds to bf16: about bf16's 2**-8 relative precision
@@ -136,7 +166,7 @@ def test_from_pretrained_names_the_missing_or_mismatched_key(tmp_path):
 
 
 def test_from_pretrained_unknown_name_is_a_user_error():
-    with pytest.raises(train_gpt2.UserError, match="unknown model 'gpt3'"):
+    with pytest.raises(run_support.UserError, match="unknown model 'gpt3'"):
         GPT.from_pretrained("gpt3")
 
 
@@ -240,9 +270,23 @@ def test_sampling_crops_to_block_size(small_model):
 # --- tokenizer and import ---------------------------------------------------------------------------------------
 
 def test_tokenizer_ids():
-    enc = train_gpt2.get_tokenizer()
+    enc = run_support.get_tokenizer()
     assert enc.encode("Hello, I'm a language model,") == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
     assert enc.eot_token == 50256
+
+
+def test_tokenizer_from_the_committed_files_is_tiktokens_gpt2(shakespeare):
+    import tiktoken
+
+    ours, theirs = run_support.get_tokenizer(), tiktoken.get_encoding("gpt2")  # theirs: from TIKTOKEN_CACHE_DIR
+    assert ours._mergeable_ranks == theirs._mergeable_ranks and ours._pat_str == theirs._pat_str
+    assert ours._special_tokens == theirs._special_tokens == {"<|endoftext|>": 50256}
+    text = open(shakespeare).read()
+    assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
+    assert len(ours.encode_ordinary(text)) == 338_025
+    for name, (_, sha256) in run_support.GPT2_TOKENIZER_FILES.items():  # the committed copies are OpenAI's files
+        assert run_support.sha256_of(os.path.join(ROOT, "gpt2_tokenizer", name)) == sha256
+    assert run_support.sha256_of(os.path.join(ROOT, "input.txt")) == run_support.TINY_SHAKESPEARE_SHA256
 
 
 def test_import_does_nothing():

@@ -1,5 +1,4 @@
 """Training: the data loader, the LR schedule, the optimizer groups, gradient accumulation, DDP, learning."""
-import contextlib
 import math
 import os
 import subprocess
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from conftest import DATA, ROOT
+import run_support
 import train_gpt2
 from train_gpt2 import GPT, GPTConfig, DataLoaderLite
 
@@ -111,7 +111,7 @@ def test_text_file_splits_90_10(shakespeare):
 def test_a_bad_shard_is_a_user_error_naming_the_file(tmp_path, content, match):
     path = str(tmp_path / "edufineweb_train_000001.npy")
     content(path)
-    with pytest.raises(train_gpt2.UserError, match=match) as e:
+    with pytest.raises(run_support.UserError, match=match) as e:
         DataLoaderLite(str(tmp_path), B=1, T=4)
     assert "edufineweb_train_000001.npy" in str(e.value)
 
@@ -121,7 +121,7 @@ def test_truncated_shard_is_a_user_error(tmp_path):
     np.save(path, np.arange(1000, dtype=np.uint16))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(train_gpt2.UserError, match="edufineweb_train_000001.npy"):
+    with pytest.raises(run_support.UserError, match="edufineweb_train_000001.npy"):
         DataLoaderLite(str(tmp_path), B=1, T=4)
 
 
@@ -144,7 +144,7 @@ def test_optimizer_groups_of_the_124M_model():
     lines = []
     with torch.device("meta"):
         model = GPT(GPTConfig(vocab_size=50304))
-    opt = train_gpt2.configure_optimizer(model, 0.1, 6e-4, "cpu", log=lines.append)
+    opt = model.configure_optimizers(0.1, 6e-4, "cpu", log=lines.append)
     decay, no_decay = opt.param_groups
     assert (len(decay["params"]), sum(p.numel() for p in decay["params"])) == (50, 124_354_560)
     assert (len(no_decay["params"]), sum(p.numel() for p in no_decay["params"])) == (98, 121_344)
@@ -156,22 +156,35 @@ def test_optimizer_groups_of_the_124M_model():
 
 # --- gradient accumulation ---------------------------------------------------------------------------------------
 
-def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+@pytest.mark.parametrize("chunked", ["--chunked_loss", "--no-chunked_loss"])
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, monkeypatch, chunked):
+    """One step of 8 x 16 tokens, as 1 micro-batch of 8, 4 of 2 and 8 of 1, through train_gpt2.main's own loop:
+    the same loss, and the same gradients when they are clipped (read there, before the optimizer uses them)."""
     write_shards(tmp_path, [5000])
-    rt = train_gpt2.Runtime("cpu", "cpu", "float32", False, 0, 0, 1)
-    grads = []
-    for B, K in [(8, 1), (2, 4), (1, 8)]:
-        torch.manual_seed(0)
-        model = GPT(GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, vocab_size=1000))
-        # an optimizer with lr 0 leaves the weights alone and the gradients where we can read them
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        loader = DataLoaderLite(str(tmp_path), B=B, T=16)
-        loss, norm = train_gpt2.train_step(model, opt, loader, K, 0.0, 1e9, rt, no_sync=contextlib.nullcontext)
-        grads.append((loss, norm, torch.cat([p.grad.flatten() for p in model.parameters()])))
-    for loss, norm, g in grads[1:]:
-        assert loss == pytest.approx(grads[0][0], rel=1e-6)
-        assert norm == pytest.approx(grads[0][1], rel=1e-5)
-        torch.testing.assert_close(g, grads[0][2], rtol=1e-5, atol=1e-7)
+    write_shards(tmp_path, [500], split="val")
+    real_clip = torch.nn.utils.clip_grad_norm_
+    seen = []
+
+    def clip(parameters, max_norm):
+        parameters = list(parameters)
+        norm = real_clip(parameters, max_norm)
+        seen.append((norm.item(), torch.cat([p.grad.flatten() for p in parameters])))
+        return norm
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    losses = []
+    for B in (8, 2, 1):
+        log_dir = str(tmp_path / f"log{B}")
+        assert train_gpt2.main(["--data", str(tmp_path), *TINY, "--vocab_size", "1000", "--batch_size", str(B),
+                                "--seq_len", "16", "--total_batch_size", "128", "--max_steps", "1", chunked,
+                                "--grad_clip", "1e9", "--eval_every", "0", "--hellaswag_every", "0",
+                                "--sample_every", "0", "--checkpoint_every", "0", "--log_dir", log_dir]) == 0
+        losses.append(read_log(os.path.join(log_dir, "log.txt"))[(0, "train")])
+    assert len(seen) == 3
+    for loss, (norm, grads) in zip(losses[1:], seen[1:]):
+        assert loss == pytest.approx(losses[0], rel=1e-6)
+        assert norm == pytest.approx(seen[0][0], rel=1e-5)
+        torch.testing.assert_close(grads, seen[0][1], rtol=1e-5, atol=1e-7)
 
 
 # --- whole runs --------------------------------------------------------------------------------------------------
@@ -208,20 +221,20 @@ def test_flops_per_token_of_the_124M_model():
     # counted from the model itself: every parameter but the position embeddings does 6 FLOPs per token
     n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
     expected = 6 * n + 12 * 12 * 768 * 1024
-    assert train_gpt2.flops_per_token(model.config, 1024) == expected
+    assert run_support.flops_per_token(model.config, 1024) == expected
     assert abs(expected - 0.855e9) < 0.001e9  # issue 8's "about 0.855 GFLOP/token"
     # at 50% MFU one H100 would train on 989.4e12 * 0.5 / expected tokens per second: about 580K (issue 8)
     assert 575e3 < 989.4e12 * 0.5 / expected < 585e3
 
 
 def test_gpu_peak_is_looked_up_by_name():
-    assert train_gpt2.gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
-    assert train_gpt2.gpu_peak_flops("NVIDIA H200") == 989.4e12
-    assert train_gpt2.gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
-    assert train_gpt2.gpu_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
-    assert train_gpt2.gpu_peak_flops("NVIDIA GeForce RTX 4090") is None
-    assert train_gpt2.format_mfu(494.7e12, 989.4e12) == "50.0%"
-    assert train_gpt2.format_mfu(1e12, None) == "-"
+    assert run_support.gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert run_support.gpu_peak_flops("NVIDIA H200") == 989.4e12
+    assert run_support.gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert run_support.gpu_peak_flops("NVIDIA A100-SXM4-40GB") == 312e12
+    assert run_support.gpu_peak_flops("NVIDIA GeForce RTX 4090") is None
+    assert run_support.format_mfu(494.7e12, 989.4e12) == "50.0%"
+    assert run_support.format_mfu(1e12, None) == "-"
 
 
 def test_overfitting_one_batch_drives_the_loss_to_zero(tmp_path):
