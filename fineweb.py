@@ -19,6 +19,9 @@ files an uninterrupted run writes. A shard is written under a temporary name and
 final name always holds a whole shard; a manifest (fineweb_manifest.json) records the finished shards, where
 the next shard starts in the dataset, and the settings, so a rerun with other settings is refused.
 The shards do not depend on --workers: documents are tokenized in parallel but written in dataset order.
+
+The tokenizer is tiktoken's "gpt2" encoding built from the committed gpt2_tokenizer/ files
+(run_support.get_tokenizer): nothing is downloaded for it.
 """
 import argparse
 import hashlib
@@ -31,6 +34,8 @@ import time
 
 import numpy as np
 
+from run_support import ArgumentParser, UserError, get_tokenizer, one_line
+
 EOT = 50256  # GPT-2's <|endoftext|>: it starts every document, so the model sees where documents begin
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "edu_fineweb10B")
@@ -39,26 +44,26 @@ TMP = ".tmp"  # suffix of files being written: not .npy, so the training loader 
 DOCS_PER_TASK = 256  # documents per task: big enough that pickling and messages cost little
 TASKS_PER_MESSAGE = 8  # imap's chunksize: a worker has this much work in hand while we read the next tasks
 
+# Errors are run_support.UserError: one line `error: ...` on stderr and exit status 2, like the other scripts.
+# A failure outside the command itself (the hub, the network, reading the dataset) exits with status 1 instead,
+# so that a script around this one can tell "rerun later" (1) from "change the command" (2); Ctrl-C exits 130.
 
-class FinewebError(Exception):
-    """A problem to report as one line `error: ...` on stderr and exit with `status`, without a traceback."""
 
-    def __init__(self, message, status=2):
-        super().__init__(message)
-        self.status = status
+def outside_failure(message):
+    """A UserError with exit status 1. The status is an attribute of the exception, so it also survives the trip
+    from a worker process (imap re-raises a worker's exception here; pickling keeps an exception's attributes)."""
+    error = UserError(message)
+    error.status = 1
+    return error
 
-    def __reduce__(self):  # keep the status when it travels through a worker process (imap re-raises there)
-        return FinewebError, (str(self), self.status)
+
+def exit_status(error):
+    return getattr(error, "status", 2)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own mistakes (unknown flag, bad int) in the same one-line form
-        raise FinewebError(message)
-
 
 def positive_int(text):
     if not text.isdigit() or int(text) <= 0:
@@ -68,7 +73,8 @@ def positive_int(text):
 
 def parse_args(argv=None):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    p = Parser(description="Tokenize FineWeb-Edu (or local jsonl/parquet files) into GPT-2 uint16 .npy shards.")
+    p = ArgumentParser(description="Tokenize FineWeb-Edu (or local jsonl/parquet files) into GPT-2 uint16 .npy "
+                                   "shards.")
     p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="Hugging Face hub dataset")
     p.add_argument("--name", default="sample-10BT", help="dataset config, e.g. sample-100BT")
     p.add_argument("--split", default="train", help="dataset split")
@@ -85,10 +91,10 @@ def parse_args(argv=None):
         args.data_files = [os.path.abspath(f) for f in args.data_files]
         for f in args.data_files:
             if not os.path.isfile(f):
-                raise FinewebError(f"--data_files: no such file: {f}")
+                raise UserError(f"--data_files: no such file: {f}")
         kinds = {"parquet" if f.endswith(".parquet") else "json" for f in args.data_files}
         if len(kinds) > 1:
-            raise FinewebError("--data_files: give either .jsonl/.json files or .parquet files, not both")
+            raise UserError("--data_files: give either .jsonl/.json files or .parquet files, not both")
         args.format = kinds.pop()
     return args
 
@@ -107,23 +113,14 @@ def to_uint16(tokens):
     """Token ids as uint16, refusing ids that do not fit (a cast would silently wrap them around)."""
     tokens = np.asarray(tokens)
     if tokens.size and not (0 <= tokens.min() and tokens.max() < 2**16):
-        raise FinewebError(f"token id {tokens.max()} does not fit in uint16 (is this a tokenizer with more "
-                           f"than 65,536 tokens?)")
+        raise UserError(f"token id {tokens.max()} does not fit in uint16 (is this a tokenizer with more "
+                        f"than 65,536 tokens?)")
     return tokens.astype(np.uint16)
-
-
-def load_tokenizer():
-    import tiktoken
-    try:
-        return tiktoken.get_encoding("gpt2")  # cached in the process: forked workers inherit it
-    except Exception as e:
-        raise FinewebError(f"could not load tiktoken's gpt2 encoding ({one_line(e)}); it is downloaded on first "
-                           f"use, which needs the network (or a TIKTOKEN_CACHE_DIR holding it)", status=1)
 
 
 def tokenize_batch(texts):
     """A list of documents -> (their tokens, each prefixed with EOT, as one uint16 array; each document's length)."""
-    enc = load_tokenizer()
+    enc = get_tokenizer()  # built once per process; forked workers inherit the main process's
     ids, lengths = [], np.empty(len(texts), dtype=np.int64)
     for i, text in enumerate(texts):
         doc = enc.encode_ordinary(text)  # ordinary: "<|endoftext|>" written inside a document is just text
@@ -171,25 +168,25 @@ def load_manifest(out, settings):
     path = os.path.join(out, MANIFEST)
     if not os.path.exists(path):
         if os.path.isdir(out) and any(n.startswith("edufineweb_") and n.endswith(".npy") for n in os.listdir(out)):
-            raise FinewebError(f"{out} holds shards but no {MANIFEST}; use another --out or delete that folder")
+            raise UserError(f"{out} holds shards but no {MANIFEST}; use another --out or delete that folder")
         return {"settings": settings, "shards": [], "tokens": 0, "next_doc": 0, "next_doc_offset": 0,
                 "complete": False}
     try:
         with open(path) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as e:
-        raise FinewebError(f"cannot read {path} ({e}); delete the folder {out} and rerun")
+        raise UserError(f"cannot read {path} ({e}); delete the folder {out} and rerun")
     for key, value in settings.items():
         if manifest["settings"].get(key) != value:
-            raise FinewebError(f"{out} holds shards made with {key}={manifest['settings'].get(key)!r}, not "
-                               f"{value!r}; use another --out or delete that folder")
+            raise UserError(f"{out} holds shards made with {key}={manifest['settings'].get(key)!r}, not "
+                            f"{value!r}; use another --out or delete that folder")
     for shard in manifest["shards"]:  # cheap: a memory map reads only the .npy header
         try:
             size = np.load(os.path.join(out, shard["name"]), mmap_mode="r").shape
         except (OSError, ValueError):
             size = None
         if size != (shard["tokens"],):
-            raise FinewebError(f"shard {shard['name']} in {out} is missing or damaged; delete the folder and rerun")
+            raise UserError(f"shard {shard['name']} in {out} is missing or damaged; delete the folder and rerun")
     return manifest
 
 
@@ -213,18 +210,14 @@ def open_dataset(args):
         try:
             ds = datasets.load_dataset(args.dataset, name=args.name, split=args.split, streaming=True)
         except Exception as e:
-            raise FinewebError(f"could not open {args.dataset} ({args.name}, {args.split}) on the Hugging Face hub: "
-                               f"{one_line(e)}. This needs the network; offline, pass --data_files", status=1)
+            raise outside_failure(f"could not open {args.dataset} ({args.name}, {args.split}) on the Hugging Face "
+                                  f"hub: {one_line(e)}. This needs the network; offline, pass --data_files") from e
     if ds.column_names is not None:  # known up front for most formats: then read only the text column
         if args.text_field not in ds.column_names:
-            raise FinewebError(f"no field {args.text_field!r} in the documents (fields: {ds.column_names}); "
-                               f"choose one with --text_field")
+            raise UserError(f"no field {args.text_field!r} in the documents (fields: {ds.column_names}); "
+                            f"choose one with --text_field")
         ds = ds.select_columns([args.text_field])
     return ds
-
-
-def one_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def text_batches(ds, args, first_doc):
@@ -239,12 +232,12 @@ def text_batches(ds, args, first_doc):
             return
         except Exception as e:  # a broken connection, a malformed file: report it, keep the finished shards
             hint = "" if args.data_files else " (this needs the network)"
-            raise FinewebError(f"reading the dataset failed near document {doc}{hint}: {one_line(e)}; "
-                               f"finished shards are kept, rerun to continue", status=1)
+            raise outside_failure(f"reading the dataset failed near document {doc}{hint}: {one_line(e)}; "
+                                  f"finished shards are kept, rerun to continue") from e
         texts = batch.get(args.text_field) or [None]
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
         if bad is not None:
-            raise FinewebError(f"document {doc + bad} has no text in field {args.text_field!r}")
+            raise UserError(f"document {doc + bad} has no text in field {args.text_field!r}")
         doc += len(texts)
         yield texts
 
@@ -328,7 +321,7 @@ def run(args):
     created = not os.path.isdir(out)
     os.makedirs(out, exist_ok=True)
     remove_temp_files(out)  # left by a killed run
-    load_tokenizer()  # before the workers start: they inherit it, and a missing tokenizer fails early
+    get_tokenizer()  # before the workers start: they inherit it, and a missing tokenizer fails early
     writer = ShardWriter(out, args.shard_size, manifest, args.max_shards)
     t0, tokens0, docs0 = time.time(), writer.written, writer.doc
     # Workers tokenize while this process reads the dataset and writes shards (so even --workers 1 gets a
@@ -373,9 +366,9 @@ def run(args):
 def main(argv=None):
     try:
         return run(parse_args(argv))
-    except FinewebError as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        return e.status
+        return exit_status(e)
     except KeyboardInterrupt:
         print("error: interrupted; the finished shards are kept, rerun the same command to continue",
               file=sys.stderr)

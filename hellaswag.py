@@ -10,6 +10,11 @@ cannot answer multiple choice directly, so we ask it how likely each ending is a
   acc_norm  the ending with the lowest mean cross-entropy per token (longer endings are not penalised
             for being long); this is the number the "Let's reproduce GPT-2 (124M)" lecture reports
 
+Precision: the command line scores in fp32 (on CUDA with TF32 matmuls, torch.set_float32_matmul_precision("high")),
+the setting of the published numbers: over the 10,042 val examples, OpenAI's GPT-2 124M gets acc 0.2859 and
+acc_norm 0.2955, GPT-2 XL acc 0.3842 and acc_norm 0.4893. --bf16 scores under bf16 autocast instead, as
+train_gpt2.py's periodic HellaSwag score does on GPUs: faster there, but not the setting of those numbers.
+
 The sections:
 
   1. Data        download hellaswag_{split}.jsonl once (checked, written atomically), or read --data_file
@@ -21,34 +26,27 @@ Run it:
   python hellaswag.py -m gpt2 -d cuda               # OpenAI's GPT-2 124M, through Hugging Face transformers
   python hellaswag.py -m log/model_19072.pt         # a checkpoint written by train_gpt2.py
   python hellaswag.py -m gpt2 --data_file hellaswag_val.jsonl --limit 200   # offline, first 200 examples
+  python hellaswag.py -m gpt2 -d cuda --bf16        # under bf16 autocast, as during training
 
 From training (train_gpt2.py), with DDP each process takes every world_size-th example and the counts are summed:
   examples = load_examples("val")
-  num_correct, num_correct_norm, num_total = evaluate(raw_model, examples[rank::world_size], device)
+  num_correct, num_correct_norm, num_total = evaluate(raw_model, examples[rank::world_size], device,
+                                                      autocast_dtype=torch.bfloat16)
 """
 
 import argparse
-import http.client
 import json
 import os
 import sys
-import urllib.request
 
 import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from run_support import ArgumentParser, UserError, get_tokenizer, hf_model_from_file, report_user_errors
+from run_support import download as download_file
 
-# train_gpt2.py imports this file while it runs as the program, i.e. as the module __main__. A plain
-# `import train_gpt2` would then load a second copy of it, and the UserError raised here would be that copy's
-# class, which the except clause of the running main() does not catch. So use the running copy when there is one.
-_main = sys.modules.get("__main__")
-if os.path.realpath(getattr(_main, "__file__", None) or "") == os.path.realpath(os.path.join(HERE, "train_gpt2.py")):
-    train_gpt2 = _main
-else:
-    import train_gpt2
-UserError, get_tokenizer, sha256_of = train_gpt2.UserError, train_gpt2.get_tokenizer, train_gpt2.sha256_of
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # 1. Data
@@ -59,38 +57,10 @@ DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hella
 EXPECTED = {"val": (12_246_618, "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588")}
 
 
-def verify_file(path, size, sha256, name=None):
-    """Raise UserError unless the file has exactly this size and sha256 (the size first: it costs nothing)."""
-    name = name or path
-    actual = os.path.getsize(path)
-    if actual != size:
-        raise UserError(f"{name} has {actual:,} bytes, not the expected {size:,}")
-    digest = sha256_of(path)
-    if digest != sha256:
-        raise UserError(f"{name} has sha256 {digest}, not the expected {sha256}")
-
-
 def download(url, path, size=None, sha256=None):
-    """Download url to path with a progress bar. The bytes go to a temporary file beside path, which is checked
-    (when size and sha256 are given) and only then renamed to path: an interrupted or corrupted download never
-    leaves a file at path that a later run would trust."""
-    tmp = f"{path}.tmp{os.getpid()}"  # one per process: DDP ranks may all download at once
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
-            total = int(response.headers.get("Content-Length") or 0) or None  # the bar has no end without it
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {os.path.basename(path)}") as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-        if sha256 is not None:
-            verify_file(tmp, size, sha256, name=f"the download of {url}")
-        os.replace(tmp, path)  # atomic: path is either absent or complete
-    except (OSError, http.client.HTTPException) as e:  # no network, timeout, HTTP error, dropped connection
-        raise UserError(f"could not download {url} ({e}); connect to the network, or use a local copy of the file "
-                        f"(hellaswag.py --data_file PATH, train_gpt2.py --hellaswag_file PATH)") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Download a HellaSwag file: checked, written to a temporary name, then renamed (run_support.download)."""
+    download_file(url, path, size, sha256, hint="connect to the network, or use a local copy of the file "
+                                                "(hellaswag.py --data_file PATH, train_gpt2.py --hellaswag_file PATH)")
 
 
 def load_examples(split="val", data_file=None):
@@ -198,18 +168,17 @@ def per_ending_losses(model, tokens, mask):
     return sum_loss, sum_loss / scored.sum(dim=1)
 
 
-def evaluate(model, examples, device, batch_size=16, autocast_dtype=None, progress=False):
+def evaluate(model, examples, device, batch_size=16, autocast_dtype=torch.float32, progress=False):
     """Score examples (dicts from load_examples) with a model: our train_gpt2.GPT or a transformers GPT-2.
     Returns (num_correct, num_correct_norm, num_total): acc = num_correct / num_total, acc_norm likewise.
 
-    batch_size examples (4 rows each) share one forward pass, padded to their longest row. autocast_dtype None
-    means bfloat16 autocast on CUDA and full precision elsewhere; pass torch.float32 to turn it off. The model's
+    batch_size examples (4 rows each) share one forward pass, padded to their longest row. autocast_dtype
+    torch.float32 (the default, on every device) scores in the model's own precision, without autocast;
+    torch.bfloat16 scores under bf16 autocast (what train_gpt2.py passes on GPUs with bf16). The model's
     train/eval mode is restored afterwards. Contexts longer than the model's positions lose their oldest tokens.
     Examples are scored longest first (less padding), so the progress bar's running acc_norm is over those.
     Pass an uncompiled model: torch.compile would recompile for every new batch shape."""
     device_type = torch.device(device).type
-    if autocast_dtype is None and device_type == "cuda":
-        autocast_dtype = torch.bfloat16
     use_autocast = autocast_dtype not in (None, torch.float32)
     enc = get_tokenizer()
     max_len = max_positions(model)
@@ -248,10 +217,10 @@ def evaluate(model, examples, device, batch_size=16, autocast_dtype=None, progre
 
 
 def get_model(name_or_path, device):
-    """A checkpoint file written by train_gpt2.py (loaded as our GPT), or else a Hugging Face GPT-2: a hub name
-    such as gpt2 or gpt2-xl, or a local folder written by save_pretrained."""
+    """A checkpoint file written by train_gpt2.py (as a transformers GPT-2 holding its weights), or else a
+    Hugging Face GPT-2: a hub name such as gpt2 or gpt2-xl, or a local folder written by save_pretrained."""
     if os.path.isfile(name_or_path):
-        return train_gpt2.load_model(name_or_path, device=device)
+        return hf_model_from_file(name_or_path).to(device)
     from transformers import GPT2LMHeadModel  # imported here: slow to import, and only this path needs it
 
     try:
@@ -290,17 +259,10 @@ def positive_int(text):
     return value
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a mistake on the command line is one line 'error: ...' and exit status 2."""
-
-    def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def main(argv=None):
-    parser = OneLineParser(description="Evaluate a GPT-2 on HellaSwag: accuracy of picking the right ending "
-                                       "by total loss (acc) and by loss per token (acc_norm).")
+    parser = ArgumentParser(description="Evaluate a GPT-2 on HellaSwag: accuracy of picking the right ending "
+                                        "by total loss (acc) and by loss per token (acc_norm). Scores in fp32 "
+                                        "(with TF32 matmuls on CUDA), as the published numbers were, unless --bf16.")
     parser.add_argument("-m", "--model", default="gpt2",
                         help="a Hugging Face GPT-2 name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a folder written by "
                              "save_pretrained, or a checkpoint file written by train_gpt2.py (default: gpt2)")
@@ -310,19 +272,36 @@ def main(argv=None):
                                                           "downloading hellaswag_{split}.jsonl")
     parser.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples")
     parser.add_argument("--batch_size", type=positive_int, default=16, help="examples per forward pass (default: 16)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="score under bf16 autocast, as train_gpt2.py's periodic HellaSwag score does on GPUs. "
+                             "Default: fp32, on CUDA with TF32 matmuls (torch.set_float32_matmul_precision('high')): "
+                             "the precision of the published numbers (GPT-2 124M: acc 0.2859, acc_norm 0.2955)")
     args = parser.parse_args(argv)
+    status = report_user_errors(score, args)
+    if status:
+        sys.exit(status)
+
+
+def score(args):
+    """The command line's work: load, score, print. Returns 0; a UserError is the caller's to report."""
+    check_device(args.device)
+    examples = load_examples(args.split, args.data_file)[:args.limit]
+    model = get_model(args.model, args.device)
+    n_params = sum(p.numel() for p in model.parameters())
+    cuda = torch.device(args.device).type == "cuda"
+    precision = "bf16 autocast" if args.bf16 else "fp32, TF32 matmuls" if cuda else "fp32"
+    print(f"{args.model}: {n_params:,} parameters on {args.device}; {len(examples)} examples; {precision}")
+    matmul_precision = torch.get_float32_matmul_precision()
+    if cuda:  # TF32 for fp32 matmuls, as in training; process-wide, so put back afterwards for in-process callers
+        torch.set_float32_matmul_precision("high")
     try:
-        check_device(args.device)
-        examples = load_examples(args.split, args.data_file)[:args.limit]
-        model = get_model(args.model, args.device)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{args.model}: {n_params:,} parameters on {args.device}; {len(examples)} examples")
-        num_correct, num_correct_norm, num_total = evaluate(model, examples, args.device, batch_size=args.batch_size,
-                                                            progress=True)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        num_correct, num_correct_norm, num_total = evaluate(
+            model, examples, args.device, batch_size=args.batch_size,
+            autocast_dtype=torch.bfloat16 if args.bf16 else torch.float32, progress=True)
+    finally:
+        torch.set_float32_matmul_precision(matmul_precision)
     print(f"acc {num_correct / num_total:.4f} acc_norm {num_correct_norm / num_total:.4f} over {num_total} examples")
+    return 0
 
 
 if __name__ == "__main__":

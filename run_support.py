@@ -12,7 +12,9 @@ train_gpt2.py calls these by name; fineweb.py, hellaswag.py and bench.py share t
   6. Stopping           Ctrl-C and SIGTERM end the run cleanly, on every process together
   7. Using a model      --sample and --export_hf, Hugging Face conversion (also for hellaswag.py)
 
-Imports flow one way: train_gpt2.py -> hellaswag.py -> run_support.py. This file imports no project file.
+Imports flow one way: train_gpt2.py -> hellaswag.py -> run_support.py. This file imports no project file, and
+torch only inside the functions that use it: fineweb.py uses sections 1 and 2 and needs no torch (importing it
+costs a process 2-3 s and 180 MB on a 2-core CPU).
 """
 
 import argparse
@@ -28,8 +30,6 @@ import urllib.request
 from dataclasses import asdict
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -71,6 +71,8 @@ def one_line(e):
 def run_training(train, args):
     """train(args), with the exit statuses of the command line: 0 done, 1 diverged, 2 a user's mistake, 128+N
     stopped by signal N. DDP processes leave together: none tears its process group down while another uses it."""
+    import torch.distributed as dist
+
     try:
         code = train(args)
         if dist.is_initialized():
@@ -143,11 +145,15 @@ FINEWEB_SHARDS = os.path.join(HERE, "edu_fineweb10B")  # where fineweb.py writes
 
 def ensure_tiny_shakespeare(path=TINY_SHAKESPEARE):
     """The committed input.txt; if it was deleted, download it again (checked) or say why not."""
-    if not os.path.exists(path):
-        print(f"downloading Tiny Shakespeare to {path}", flush=True)
-        download(TINY_SHAKESPEARE_URL, path, sha256=TINY_SHAKESPEARE_SHA256,
-                 hint=f"{os.path.basename(path)} is missing and could not be downloaded: restore it "
-                      f"(git checkout {os.path.basename(path)}), connect to the network, or pass --data PATH")
+    if os.path.exists(path):
+        return
+    print(f"downloading Tiny Shakespeare to {path}", flush=True)
+    try:
+        download(TINY_SHAKESPEARE_URL, path, sha256=TINY_SHAKESPEARE_SHA256)
+    except UserError as e:  # the network's error, or a download that failed its checksum
+        raise UserError(f"{os.path.basename(path)} is missing and could not be downloaded from {TINY_SHAKESPEARE_URL} "
+                        f"({e.__cause__ or e}); restore it (git checkout {os.path.basename(path)}), connect to the "
+                        f"network, or pass --data PATH") from e
 
 
 # GPT-2's BPE tokenizer: OpenAI's two files, committed in gpt2_tokenizer/ (Hugging Face calls them vocab.json and
@@ -442,6 +448,8 @@ def hf_block_size(folder):
 
 def broadcast_from_rank0(obj):
     """Rank 0's obj on every process (any picklable value); obj itself without DDP."""
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         return obj
     box = [obj]
@@ -453,6 +461,8 @@ def on_every_node(fn):
     """fn() on every process, each node's local rank 0 first (it does the node's downloads, and the others then
     find the files). If fn fails with a UserError on any process, every process raises the same one-line error
     naming that node: a node without a file stops the whole job at once instead of leaving the others waiting."""
+    import torch.distributed as dist
+
     if not dist.is_initialized():
         return fn()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -526,6 +536,8 @@ def hellaswag_examples(s, load_examples):
 
 def pick_device(requested, ddp):
     """The device type to train on ('cuda', 'mps' or 'cpu'), and the reasons for an automatic choice."""
+    import torch
+
     reasons = []
     has_mps = hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
     if requested == "cuda" and not torch.cuda.is_available():
@@ -543,6 +555,8 @@ def pick_device(requested, ddp):
 
 def pick_dtype(device_type, reasons):
     """'bfloat16' (autocast) on GPUs that have bf16 (Ampere and newer), else 'float32'; the reason goes to reasons."""
+    import torch
+
     if device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         reasons.append("dtype: bfloat16 autocast (this GPU supports bf16)")
         return "bfloat16"
@@ -555,6 +569,8 @@ def pick_dtype(device_type, reasons):
 
 def autocast(device_type, dtype):
     """The context the forward passes run in: bf16 autocast, or nothing for fp32. It can be entered many times."""
+    import torch
+
     if dtype == "bfloat16":
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -625,6 +641,8 @@ def list_checkpoints(log_dir):
 def save_checkpoint(path, state):
     """Write to a temporary name, flush it to disk, then rename: a crash or kill -9 at any moment leaves either
     the old files or the complete new one under the final name, never half a checkpoint."""
+    import torch
+
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
         torch.save(state, f)
@@ -635,6 +653,8 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path):
     """Read a checkpoint without trusting it: tensors and plain values only. Any problem is a one-line UserError."""
+    import torch
+
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
     try:
@@ -657,6 +677,8 @@ def load_weights(model, ckpt):
 
 
 def rng_state(device_type, device):
+    import torch
+
     state = {"cpu": torch.get_rng_state()}
     if device_type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -666,6 +688,8 @@ def rng_state(device_type, device):
 def restore_training_state(ckpt, optimizer, train_loader, device_type, device):
     """Continue where a checkpoint stopped: optimizer state, data position, random generators. Returns the step to
     start from and the last validation loss (0 and None for a fresh start)."""
+    import torch
+
     if ckpt is None:
         return 0, None
     try:
@@ -700,6 +724,8 @@ class RunLog:
                 f.write(text + "\n")
 
     def save_checkpoint(self, step, raw_model, optimizer, train_loader, val_loss, device_type, device):
+        import torch
+
         if not self.master_process:
             return
         path = checkpoint_path(self.s.log_dir, step)
@@ -743,6 +769,8 @@ class StopRequest:
     def flag(self, device):
         """1 if this process was asked to stop: summed over the processes with the step's loss, so that they all
         see the request at the same step (a signal may reach only some of them)."""
+        import torch
+
         return torch.tensor(float(self.signum is not None), device=device)
 
     def vote(self, votes):
@@ -790,6 +818,8 @@ def hf_model_from_checkpoint(ckpt, vocab_size=None):
     """A transformers GPT2LMHeadModel holding a checkpoint's weights (keys are GPT-2's names in both). vocab_size
     cuts a padded vocabulary's rows (50304 -> 50257): those rows are never a training target, so training only
     pushes their logits down, and they never win a prediction that matters."""
+    import torch
+
     from transformers import GPT2Config, GPT2LMHeadModel
 
     c, sd = ckpt["config"], ckpt["model"]
@@ -841,6 +871,8 @@ def run_model_command(args, GPT, GPTConfig, sample):
 
 def sample_command(args, GPT, GPTConfig, sample):
     """--sample: print samples from one of our checkpoints or a Hugging Face GPT-2 name/folder."""
+    import torch
+
     if min(args.num_samples, args.max_new_tokens, args.top_k) <= 0:
         raise UserError("--num_samples, --max_new_tokens and --top_k must be positive")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -24,6 +24,7 @@ if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")) and "TIKTOKEN_CACHE_DIR
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **os.environ}
 sys.path.insert(0, REPO_ROOT)
 import fineweb  # noqa: E402  (importing it must start nothing: test_import_and_default_out checks that)
+from run_support import UserError  # noqa: E402
 
 EOT = 50256
 SYNTHETIC = [
@@ -174,8 +175,21 @@ def test_to_uint16_refuses_ids_that_do_not_fit():
     np.testing.assert_array_equal(fineweb.to_uint16(np.array([0, EOT, 65535])), [0, EOT, 65535])
     assert fineweb.to_uint16(np.array([], dtype=np.int64)).dtype == np.uint16
     for bad in ([1, 2**16, 3], [70000], [-1]):
-        with pytest.raises(fineweb.FinewebError, match="uint16"):
+        with pytest.raises(UserError, match="uint16"):
             fineweb.to_uint16(np.array(bad, dtype=np.int64))
+
+
+def test_errors_cross_from_a_worker_with_their_status():
+    """A worker's error reaches the main process as the same UserError, message and exit status included."""
+    import multiprocessing as mp
+    import pickle
+    with mp.Pool(1, initializer=fineweb.init_worker) as pool:
+        with pytest.raises(UserError, match="token id 70000 does not fit in uint16") as info:
+            list(pool.imap(fineweb.to_uint16, [np.array([1, 2]), np.array([70000])]))
+    assert fineweb.exit_status(info.value) == 2
+    failure = pickle.loads(pickle.dumps(fineweb.outside_failure("the hub is unreachable")))
+    assert type(failure) is UserError and str(failure) == "the hub is unreachable"
+    assert fineweb.exit_status(failure) == 1
 
 
 def test_tokenize_batch_prefixes_each_document_with_eot(enc):
@@ -277,6 +291,13 @@ def test_import_and_default_out(tmp_path):
     r = ok(subprocess.run([sys.executable, "-c", code, REPO_ROOT], cwd=tmp_path, capture_output=True, text=True))
     assert r.stdout.splitlines() == [default_out, "False []"]
     assert os.listdir(tmp_path) == [] and os.path.exists(default_out) == existed
+
+
+def test_importing_fineweb_leaves_train_gpt2_out():
+    """Imports flow one way: fineweb.py -> run_support.py, never to the training script."""
+    code = "import sys; sys.path.insert(0, sys.argv[1]); import fineweb; print('train_gpt2' in sys.modules)"
+    r = ok(subprocess.run([sys.executable, "-c", code, REPO_ROOT], capture_output=True, text=True, timeout=120))
+    assert r.stdout.split() == ["False"]
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):

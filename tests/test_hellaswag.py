@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import hellaswag  # noqa: E402
+import run_support  # noqa: E402
 import train_gpt2  # noqa: E402
 
 
@@ -33,7 +34,7 @@ import train_gpt2  # noqa: E402
 
 @pytest.fixture(scope="module")
 def enc():
-    return train_gpt2.get_tokenizer()
+    return run_support.get_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -185,7 +186,7 @@ def test_cli_scores_a_checkpoint_of_ours_like_the_transformers_folder(tiny_hf, v
     folder, model_hf = tiny_hf
     model = train_gpt2.GPT.from_pretrained(folder)
     path = str(tmp_path / "model.pt")  # what train_gpt2.py would write, less the optimizer and data state
-    torch.save({"format": train_gpt2.CHECKPOINT_FORMAT, "model": model.state_dict(),
+    torch.save({"format": run_support.CHECKPOINT_FORMAT, "model": model.state_dict(),
                 "config": dataclasses.asdict(model.config), "step": 0}, path)
     num_correct, num_correct_norm, n = hellaswag.evaluate(model_hf, val_examples[:8], "cpu")
     expected = f"acc {num_correct / n:.4f} acc_norm {num_correct_norm / n:.4f} over 8 examples"
@@ -208,6 +209,78 @@ def test_cli_200_examples_offline(tiny_hf):
 
 
 # -----------------------------------------------------------------------------
+# precision: fp32 unless asked for bf16
+
+
+def record_forward(model):
+    """A forward hook on model that records, per forward pass, whether autocast was on and the logits' dtype."""
+    seen = []
+
+    def hook(module, inputs, out):
+        logits = out[0] if isinstance(out, tuple) else out.logits
+        seen.append((torch.is_autocast_enabled("cpu"), logits.dtype))
+
+    model.register_forward_hook(hook)
+    return seen
+
+
+def test_evaluate_scores_in_fp32_by_default(val_examples):
+    import inspect
+
+    # fp32 on every device, CUDA included (where this test cannot run the model): bf16 must be asked for
+    assert inspect.signature(hellaswag.evaluate).parameters["autocast_dtype"].default is torch.float32
+    torch.manual_seed(0)
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=256, n_layer=1, n_head=1, n_embd=16))
+    seen = record_forward(model)
+    hellaswag.evaluate(model, val_examples[:2], "cpu")
+    hellaswag.evaluate(model, val_examples[:2], "cpu", autocast_dtype=torch.bfloat16)
+    assert seen == [(False, torch.float32), (True, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("flags, autocast, dtype, precision", [
+    ([], False, torch.float32, "fp32"),
+    (["--bf16"], True, torch.bfloat16, "bf16 autocast"),
+])
+def test_cli_scores_in_fp32_unless_bf16(tiny_hf, monkeypatch, capsys, flags, autocast, dtype, precision):
+    folder, _ = tiny_hf
+    get_model, evaluate = hellaswag.get_model, hellaswag.evaluate
+    passed, seen = [], []
+
+    def recording_get_model(name, device):
+        model = get_model(name, device)
+        seen.append(record_forward(model))
+        return model
+
+    def recording_evaluate(*args, **kwargs):
+        passed.append(kwargs["autocast_dtype"])  # the command line always says which precision it wants
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(hellaswag, "get_model", recording_get_model)
+    monkeypatch.setattr(hellaswag, "evaluate", recording_evaluate)
+    hellaswag.main(["-m", folder, "-d", "cpu", "--data_file", VAL_FILE, "--limit", "3", "--batch_size", "2", *flags])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith("parameters on cpu; 3 examples; " + precision), lines[0]
+    assert re.fullmatch(r"acc \d\.\d{4} acc_norm \d\.\d{4} over 3 examples", lines[-1]), lines[-1]
+    assert passed == [dtype]
+    assert seen == [[(autocast, dtype)] * 2]  # two forward passes (3 examples, 2 per pass), as asked
+
+
+def test_cli_help_names_the_precision():
+    result = run_cli("--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert "--bf16" in text and "TF32" in text and "0.2955" in text
+
+
+def test_importing_hellaswag_leaves_train_gpt2_out():
+    """Imports flow one way: train_gpt2.py -> hellaswag.py -> run_support.py."""
+    code = "import sys, hellaswag; print(sorted(m for m in sys.modules if m in ('train_gpt2', 'run_support')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["['run_support']"]
+
+
+# -----------------------------------------------------------------------------
 # data: checks, downloads, bad input
 
 
@@ -215,11 +288,11 @@ def test_verify_file(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_bytes(b"hello\n")
     good = hashlib.sha256(b"hello\n").hexdigest()
-    hellaswag.verify_file(str(path), 6, good)
-    with pytest.raises(train_gpt2.UserError, match="sha256"):
-        hellaswag.verify_file(str(path), 6, "0" * 64)
-    with pytest.raises(train_gpt2.UserError, match="bytes"):
-        hellaswag.verify_file(str(path), 7, good)
+    run_support.verify_file(str(path), 6, good)
+    with pytest.raises(run_support.UserError, match="sha256"):
+        run_support.verify_file(str(path), 6, "0" * 64)
+    with pytest.raises(run_support.UserError, match="bytes"):
+        run_support.verify_file(str(path), 7, good)
 
 
 class FakeResponse(io.BytesIO):
@@ -247,7 +320,7 @@ def test_download_writes_a_temporary_file_then_renames_it(tmp_path, monkeypatch)
     assert open(path, "rb").read() == data and os.listdir(tmp_path) == ["hellaswag_train.jsonl"]
     # a download whose hash is wrong is deleted, and nothing appears at the final path
     os.remove(path)
-    with pytest.raises(train_gpt2.UserError, match="sha256"):
+    with pytest.raises(run_support.UserError, match="sha256"):
         hellaswag.download("https://example.com/x", path, len(data), "0" * 64)
     assert os.listdir(tmp_path) == []
     # load_examples downloads into DATA_DIR from the rowanz/hellaswag URL, and checks the val file
@@ -255,7 +328,7 @@ def test_download_writes_a_temporary_file_then_renames_it(tmp_path, monkeypatch)
     assert hellaswag.load_examples("train")[0]["label"] == 1
     assert urls[-1] == "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_train.jsonl"
     path = str(tmp_path / "hellaswag_val.jsonl")
-    with pytest.raises(train_gpt2.UserError, match="12,246,618"):
+    with pytest.raises(run_support.UserError, match="12,246,618"):
         hellaswag.load_examples("val")
     assert not os.path.exists(path)
 
@@ -266,7 +339,7 @@ def test_network_failure_is_one_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     monkeypatch.setattr(hellaswag, "DATA_DIR", str(tmp_path))
-    with pytest.raises(train_gpt2.UserError, match="connect to the network, or use a local copy .* --data_file"):
+    with pytest.raises(run_support.UserError, match="connect to the network, or use a local copy .* --data_file"):
         hellaswag.load_examples("val")
     assert os.listdir(tmp_path) == []
 
@@ -274,7 +347,7 @@ def test_network_failure_is_one_clear_error(tmp_path, monkeypatch):
 def test_bad_data_file_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"ctx": "A man", "endings": ["a.", "b.", "c.", "d."]}\n')  # no label, like the test split
-    with pytest.raises(train_gpt2.UserError, match="line 1 .* not a labelled HellaSwag example"):
+    with pytest.raises(run_support.UserError, match="line 1 .* not a labelled HellaSwag example"):
         hellaswag.load_examples(data_file=str(path))
 
 
