@@ -6,17 +6,18 @@ How fast is train_gpt2.py's training step? Milliseconds per step, tokens per sec
   python bench.py --compare_hf    # our step against Hugging Face GPT2LMHeadModel's, side by side (a CPU target)
   python bench.py --ladder        # the lecture's speed-ups one at a time: fp32 -> TF32 -> bf16 -> compile -> ...
 
-Each row times the real training step of train_gpt2.py (train_step: forward, loss, backward, gradient clipping,
-AdamW) on random tokens, after a few warm-up steps (the first one compiles when --compile is on). MFU is measured
+Each row times train_gpt2.py's training step, taken as its loop takes it (forward, loss, backward, gradient
+clipping, AdamW), on random tokens, after a few warm-up steps (the first one compiles when --compile is on). MFU is measured
 against the GPU's bf16 datasheet peak, or on a CPU against the matmul rate this machine reaches in the row's
-math (fp32, or bf16 for bf16 rows), measured here.
+math (fp32, or bf16 for bf16 rows), measured here at start in the maths the run uses, for about a second each.
+On a CPU without bf16 units the bf16 rows say so instead of timing PyTorch's emulated bf16.
 """
 
 import argparse
 import contextlib
 import dataclasses
-import functools
 import gc
+import os
 import resource
 import statistics
 import subprocess
@@ -27,8 +28,10 @@ import warnings
 import torch
 from torch.nn import functional as F
 
+import run_support as rs
 import train_gpt2
-from train_gpt2 import GPT, GPTConfig, UserError
+from run_support import UserError
+from train_gpt2 import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 # 1. Measuring
@@ -61,28 +64,77 @@ def time_steps(step, warmup, steps, synchronize):
     return times
 
 
-def cpu_matmul_flops(dtype=torch.float32, precision="highest", n=2048, repeats=5):
-    """The FLOP/s of one large (n, n) @ (n, n) matmul on this CPU in `dtype`, with fp32 matmuls at `precision`
-    (torch.set_float32_matmul_precision), best of `repeats`: the CPU's practical peak in that math, which MFU is
-    measured against (a CPU has no datasheet number that PyTorch reaches). Some CPUs have bf16 units, so a row
-    in bf16 is measured against the bf16 rate. Measured once per process: the peak printed above the table is
-    the one its MFU column divides by."""
-    # lru_cache keys on how the arguments are spelled (f() and f(torch.float32) are two entries), so the cached
-    # function takes them all positionally
-    return _cpu_matmul_flops(dtype, precision, n, repeats)
+def cpu_has_bf16_units():
+    """Whether this CPU multiplies bf16 in hardware: AVX512-BF16 or AMX-BF16 on x86, the BF16 extension on Arm
+    (torch.cpu.get_capabilities, which asks cpuinfo). Without them PyTorch emulates bf16: matmuls ran at
+    1.7 GFLOP/s on one 2-core AVX2 CPU (a 2048^3 one: 10 s), and bf16 autocast made a training step 21x slower
+    than fp32 on one CPU, so bench.py does not time bf16 there.
+    The environment variable BENCH_CPU_BF16=0 (or 1) overrides the answer: BENCH_CPU_BF16=0 shows what a CPU
+    without bf16 units prints."""
+    forced = os.environ.get("BENCH_CPU_BF16")
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise UserError(f"BENCH_CPU_BF16 must be 0 or 1 (bf16 units absent or present), got '{forced}'")
+        return forced == "1"
+    capabilities = torch.cpu.get_capabilities()
+    return any(capabilities.get(name, False) for name in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
 
 
-@functools.lru_cache
-def _cpu_matmul_flops(dtype, precision, n, repeats):
+def cpu_matmul_flops(dtype=torch.float32, precision="highest", n=256, repeats=5, seconds=1.0):
+    """The FLOP/s this CPU reaches in square matmuls in `dtype`, with fp32 matmuls at `precision`
+    (torch.set_float32_matmul_precision): the CPU's practical peak in that math, which MFU is measured against
+    (a CPU has no datasheet number that PyTorch reaches). Some CPUs have bf16 units, so a row in bf16 is measured
+    against the bf16 rate. The size starts at n and grows until one matmul is long enough to time; the whole
+    measurement takes about `seconds` (measure_matmul_flops).
+    Measured once per process for each math, (dtype, precision), however the arguments are spelled and whatever
+    n, repeats and seconds are: the peak printed above the table is the one its MFU column divides by (two
+    measurements differ by noise, 10% on a loaded machine). The precision only matters to fp32 matmuls."""
+    key = math_key(dtype, precision)
+    if key not in _PEAKS:
+        _PEAKS[key] = measure_matmul_flops(dtype, precision, n, repeats, seconds)
+    return _PEAKS[key][0]
+
+
+_PEAKS = {}  # math_key: (FLOP/s, n, timed matmuls), this process's measurements
+
+
+def math_key(dtype, precision):
+    return dtype, (precision if dtype == torch.float32 else None)
+
+
+def measure_matmul_flops(dtype, precision="highest", n=256, repeats=5, seconds=1.0):
+    """Time (n, n) @ (n, n) matmuls: double n (up to 8192) until one takes at least seconds / 20, then time that
+    size up to `repeats` more times while the whole measurement stays within `seconds` (at least once).
+    Returns (FLOP/s of the fastest, n, how many were timed). A fixed size cannot fit every CPU: 2048^3 takes
+    about 0.1 s in fp32 on a 2-core AVX-512 CPU, but 10 s in emulated bf16 at 1.7 GFLOP/s. At 50 ms (of a second) the
+    clock and the threads' wake-up are noise; the sizing matmuls also warm up the threads and the memory.
+    Each doubling is 8x the work, so if the rate holds one matmul takes at most 8 x seconds / 20, and the whole
+    measurement about `seconds` (a new repeat starts only if it should end in time)."""
     previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
+    if dtype == torch.float32:
+        torch.set_float32_matmul_precision(precision)
+
+    def one_matmul():
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=out)  # into one buffer: allocating the result each time adds page faults
+        return time.perf_counter() - t0
+
     try:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warm up: first use of the BLAS threads
-        best = min(time_steps(lambda: a @ b, 0, repeats, lambda: None))
+        start = time.perf_counter()
+        while True:
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            out = torch.empty(n, n, dtype=dtype)
+            last = one_matmul()
+            if last >= seconds / 20 or n >= 8192:
+                break
+            n *= 2
+        times = []
+        while len(times) < max(1, repeats) and (not times or time.perf_counter() - start + last <= seconds):
+            times.append(one_matmul())
+            last = times[-1]
     finally:
         torch.set_float32_matmul_precision(previous)
-    return 2 * n**3 / best
+    return 2 * n**3 / min(times), n, len(times)
 
 
 def peak_memory(rt):
@@ -100,17 +152,51 @@ def free_memory(rt):
         torch.cuda.reset_peak_memory_stats()
 
 
-class PlainLoss(torch.nn.Module):
-    """The lecture's loss: build the (B, T, V) logits, then cross-entropy. For the ladder's rungs before our
-    LinearCrossEntropy (which model(x, y) uses)."""
+@dataclasses.dataclass
+class Runtime:
+    """Where a run is timed: one process (bench.py never runs DDP), the device and dtype train_gpt2.py would pick."""
+    device: str
+    device_type: str
+    dtype: str  # "bfloat16" (autocast) or "float32"
+    peak_flops: float = None  # the GPU's bf16 dense peak, FLOP/s; None on CPUs and unknown GPUs
 
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
+    def autocast(self):
+        return rs.autocast(self.device_type, self.dtype)
 
-    def forward(self, idx, targets):
-        logits, _ = self.model(idx)  # (B, T, V)
-        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1))
+    def synchronize(self):
+        if self.device_type == "cuda":
+            torch.cuda.synchronize()  # GPU work is queued asynchronously: the step is done when the GPU is
+
+    def peak_memory(self):
+        return torch.cuda.max_memory_allocated(self.device)
+
+
+def setup_runtime(requested_device):
+    device_type, _ = rs.pick_device(requested_device, ddp=False)
+    if device_type == "mps":
+        raise UserError("bench.py times CUDA GPUs and CPUs; use --device cpu")
+    peak = rs.gpu_peak_flops(torch.cuda.get_device_name()) if device_type == "cuda" else None
+    return Runtime(device="cuda" if device_type == "cuda" else "cpu", device_type=device_type,
+                   dtype=rs.pick_dtype(device_type, []), peak_flops=peak)
+
+
+def train_step(model, optimizer, loader, grad_accum_steps, rt):
+    """One optimizer step exactly as train_gpt2.py's training loop takes it (one process): micro-steps under
+    autocast with the loss divided by their number, clipping at 1.0, AdamW, then one read-back of the loss and
+    the gradient norm."""
+    optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=rt.device)
+    for _ in range(grad_accum_steps):
+        x, y = loader.next_batch()
+        x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            _, loss = model(x, y)
+        loss = loss / grad_accum_steps
+        loss_accum += loss.detach()
+        loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return torch.stack([loss_accum, norm.to(loss_accum.device)]).tolist()
 
 
 @dataclasses.dataclass
@@ -122,11 +208,21 @@ class StepConfig:
     flash: bool = True  # SDPA picks a fused kernel, e.g. flash (False: the math backend, which builds (T, T))
     vocab_size: int = 50304  # 50257 padded up to a multiple of 128
     fused_adamw: bool = True
-    chunked_loss: bool = True  # LinearCrossEntropy (False: PlainLoss)
+    chunked_loss: bool = False  # chunked_loss.py's LinearCrossEntropy (False: the lecture's F.cross_entropy)
+
+
+def step_math(cfg):
+    """The (dtype, fp32 matmul precision) of a configuration's matmuls: what its MFU is measured against."""
+    return (torch.bfloat16 if cfg.bf16 else torch.float32), ("high" if cfg.tf32 else "highest")
+
+
+NO_BF16_UNITS = "skipped: this CPU has no bf16 units (emulated bf16 made a step 21x slower on one such CPU)"
 
 
 def bench_step(args, rt, cfg, B, T):
     """Build a fresh model and optimizer for `cfg`, time its training steps; a dict for one table row."""
+    if rt.device_type == "cpu" and cfg.bf16 and not cpu_has_bf16_units():
+        return {"B": B, "T": T, "skipped": NO_BF16_UNITS}
     free_memory(rt)  # what the previous row left, and its peak
     torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
     step_rt = dataclasses.replace(rt, dtype="bfloat16" if cfg.bf16 else "float32")
@@ -134,9 +230,8 @@ def bench_step(args, rt, cfg, B, T):
     config = GPTConfig(block_size=max(1024, T), vocab_size=cfg.vocab_size, n_layer=args.n_layer,
                        n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config).to(rt.device)
-    optimizer = train_gpt2.configure_optimizer(model, 0.1, 6e-4, rt.device_type, log=lambda *a: None,
-                                               fused=cfg.fused_adamw)
-    stepped = model if cfg.chunked_loss else PlainLoss(model)
+    optimizer = model.configure_optimizers(0.1, 6e-4, rt.device_type, log=lambda *a: None, fused=cfg.fused_adamw)
+    stepped = rs.with_chunked_loss(model) if cfg.chunked_loss else model
     if cfg.compile:
         # each configuration compiles afresh, with no on-disk cache either: the cache's key leaves out the SDPA
         # backend, so the "flash" rung would get the math rung's compiled code back
@@ -153,12 +248,11 @@ def bench_step(args, rt, cfg, B, T):
         torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
 
     def step():
-        train_gpt2.train_step(stepped, optimizer, loader, args.grad_accum, 6e-4, 1.0, step_rt, contextlib.nullcontext)
+        train_step(stepped, optimizer, loader, args.grad_accum, step_rt)
 
     row = {"B": B, "T": T, "peak_flops": rt.peak_flops}
     if rt.device_type == "cpu":
-        row["peak_flops"] = cpu_matmul_flops(torch.bfloat16 if cfg.bf16 else torch.float32,
-                                             "high" if cfg.tf32 else "highest")
+        row["peak_flops"] = cpu_matmul_flops(*step_math(cfg))  # measured here if the machine line did not
     try:
         with attention:
             times = time_steps(step, args.warmup, args.steps, rt.synchronize)
@@ -170,14 +264,14 @@ def bench_step(args, rt, cfg, B, T):
         seconds = statistics.median(times)
         tokens_per_second = B * T * args.grad_accum / seconds
         row.update(ms=1000 * seconds, tokens_per_second=tokens_per_second, memory=peak_memory(rt),
-                   flops_per_second=train_gpt2.flops_per_token(config, T) * tokens_per_second)
+                   flops_per_second=rs.flops_per_token(config, T) * tokens_per_second)
     return row  # the model and optimizer go with this frame: the caller frees their memory
 
 
 def format_row(label, row):
-    if "error" in row:
-        return f"{label:<44} {row['B']:>4} {row['error']}"
-    mfu = train_gpt2.format_mfu(row["flops_per_second"], row["peak_flops"])
+    if "error" in row or "skipped" in row:
+        return f"{label:<44} {row['B']:>4} {row.get('error') or row['skipped']}"
+    mfu = rs.format_mfu(row["flops_per_second"], row["peak_flops"])
     return (f"{label:<44} {row['B']:>4} {row['ms']:>10.1f} {row['tokens_per_second']:>12,.0f} "
             f"{mfu:>7} {row['memory'] / 2**30:>9.2f} GiB")
 
@@ -189,21 +283,30 @@ HEADER = f"{'configuration':<44} {'B':>4} {'ms/step':>10} {'tokens/s':>12} {'MFU
 # 2. What to run
 
 
-def describe_machine(rt):
-    """One line on the hardware and software, and the peak that MFU is measured against."""
+def describe_machine(rt, maths):
+    """One line on the hardware and software, and the peak that MFU is measured against. On a CPU that peak is
+    measured, for each (dtype, precision) in `maths` (the ones the run's rows use) and only those."""
     if rt.device_type == "cuda":
         name = torch.cuda.get_device_name(rt.device)
         memory = torch.cuda.get_device_properties(rt.device).total_memory
-        peak = "MFU: '-' (add this GPU's bf16 dense peak to train_gpt2.GPU_PEAK_FLOPS)" if rt.peak_flops is None \
+        peak = "MFU: '-' (add this GPU's bf16 dense peak to run_support.GPU_PEAK_FLOPS)" if rt.peak_flops is None \
             else f"MFU against the bf16 dense peak, {rt.peak_flops / 1e12:.1f} TFLOP/s"
         print(f"device: {name} ({memory / 2**30:.0f} GiB), driver {nvidia_driver_version()}, "
               f"torch {torch.__version__}, CUDA {torch.version.cuda}; {peak}")
         return
-    rates = {"fp32": cpu_matmul_flops(), "fp32 at precision 'high'": cpu_matmul_flops(precision="high"),
-             "bf16": cpu_matmul_flops(torch.bfloat16)}
-    print(f"device: CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; MFU against this CPU's "
-          "measured matmul rate in each row's math (2048 x 2048 x 2048, best of 5): " +
-          ", ".join(f"{name} {rate / 1e9:.0f} GFLOP/s" for name, rate in rates.items()))
+    rates = []
+    for dtype, precision in {math_key(*math): math for math in maths}.values():
+        if dtype == torch.bfloat16 and not cpu_has_bf16_units():
+            rates.append("bf16 not measured (this CPU has no bf16 units: bf16 rows are skipped)")
+            continue
+        flops = cpu_matmul_flops(dtype, precision)
+        _, n, timed = _PEAKS[math_key(dtype, precision)]
+        name = "bf16" if dtype == torch.bfloat16 else "fp32" if precision == "highest" else \
+            f"fp32 at precision '{precision}'"
+        rates.append(f"{name} {flops / 1e9:.0f} GFLOP/s ({n}^3, best of {timed})")
+    print(f"device: CPU, {torch.get_num_threads()} threads, torch {torch.__version__}; this CPU's matmul rate in "
+          "the math of the run (MFU divides by it), measured on n x n matmuls for about a second each: " +
+          ", ".join(rates))
 
 
 def nvidia_driver_version():
@@ -215,11 +318,18 @@ def nvidia_driver_version():
         return "unknown"
 
 
-def run_table(args, rt):
-    """The default: train_gpt2.py's own configuration at each batch size."""
+def table_config(args, rt):
+    """The default: train_gpt2.py's own configuration (timed at each batch size)."""
     on_gpu = rt.device_type == "cuda"
-    cfg = StepConfig(tf32=on_gpu, bf16=on_gpu and rt.dtype == "bfloat16", compile=args.compile,
-                     fused_adamw=on_gpu, vocab_size=args.vocab_size)
+    chunked = args.chunked_loss
+    if chunked is None:
+        chunked = rs.chunked_loss_by_default(rt.device_type, rt.dtype, args.compile)
+    return StepConfig(tf32=on_gpu, bf16=on_gpu and rt.dtype == "bfloat16", compile=args.compile,
+                      fused_adamw=on_gpu, vocab_size=args.vocab_size, chunked_loss=chunked)
+
+
+def run_table(args, rt):
+    cfg = table_config(args, rt)
     print(f"model: {args.n_layer} layers, {args.n_head} heads, {args.n_embd} wide, vocab {args.vocab_size}; "
           f"T={args.seq_len}; grad_accum {args.grad_accum}; {args.warmup} warm-up steps, median of {args.steps}")
     print(f"configuration: {cfg}")
@@ -241,22 +351,30 @@ LADDER = [
 ]
 
 
-def run_ladder(args, rt):
+def ladder_rungs(args):
+    """(label, StepConfig) of each rung to time, in the ladder's order."""
     names = [name for name, _, _ in LADDER]
     wanted = args.rungs or names
     for name in wanted:
         if name not in names:
             raise UserError(f"--rungs: unknown rung '{name}'; the rungs are {', '.join(names)}")
-    print(f"the lecture's ladder: {args.n_layer} layers, {args.n_embd} wide, B={args.batch_sizes[0]}, "
-          f"T={args.seq_len}; {args.warmup} warm-up steps, median of {args.steps}")
-    print(HEADER)
     cfg = StepConfig(tf32=False, bf16=False, compile=False, flash=False, vocab_size=50257, fused_adamw=False,
                      chunked_loss=False)
+    rungs = []
     for name, label, change in LADDER:
         cfg = dataclasses.replace(cfg, **change)
         if name in wanted:
-            row = bench_step(args, rt, cfg, args.batch_sizes[0], args.seq_len)
-            print(format_row(label, row), flush=True)
+            rungs.append((label, cfg))
+    return rungs
+
+
+def run_ladder(args, rt):
+    print(f"the lecture's ladder: {args.n_layer} layers, {args.n_embd} wide, B={args.batch_sizes[0]}, "
+          f"T={args.seq_len}; {args.warmup} warm-up steps, median of {args.steps}")
+    print(HEADER)
+    for label, cfg in ladder_rungs(args):
+        row = bench_step(args, rt, cfg, args.batch_sizes[0], args.seq_len)
+        print(format_row(label, row), flush=True)
 
 
 def compare_hf(args, rt):
@@ -275,13 +393,15 @@ def compare_hf(args, rt):
                          n_embd=args.n_embd))
     train_gpt2.copy_hf_weights(hf, ours)  # the same starting weights: the losses below must agree
     hf.to(rt.device), ours.to(rt.device)
+    ours_loss = rs.with_chunked_loss(ours) if table_config(args, rt).chunked_loss else ours  # as train_gpt2.py
     steps = {
-        "ours": (ours, lambda x, y: ours(x, y)[1]),
+        "ours": (ours, lambda x, y: ours_loss(x, y)[1]),
         "hf": (hf, lambda x, y: F.cross_entropy(hf(x).logits.view(-1, V), y.view(-1))),
     }
     runners = {}
     for name, (model, loss_fn) in steps.items():
-        optimizer = train_gpt2.configure_optimizer(model, 0.1, 6e-4, rt.device_type, log=lambda *a: None)
+        # the same AdamW and parameter groups for both (configure_optimizers only reads model.parameters())
+        optimizer = GPT.configure_optimizers(model, 0.1, 6e-4, rt.device_type, log=lambda *a: None)
         loader = RandomTokens(B, T, V, seed=1)
 
         def run(model=model, loss_fn=loss_fn, optimizer=optimizer, loader=loader):
@@ -327,11 +447,11 @@ def compare_hf(args, rt):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = rs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if there is one")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--compare_hf", action="store_true",
-                      help="time our step against Hugging Face GPT2LMHeadModel's (default shape: issue 8's CPU one)")
+                      help="time our step against Hugging Face GPT2LMHeadModel's (default: a small model with GPT-2's vocabulary, 4 layers x 256 wide)")
     mode.add_argument("--ladder", action="store_true",
                       help="time the lecture's speed-ups one at a time, at the first B")
     p.add_argument("--rungs", nargs="+", default=None, help="with --ladder: time only these rungs (they still add up)")
@@ -345,6 +465,9 @@ def build_parser():
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per timed step")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA, as in train_gpt2.py)")
+    p.add_argument("--chunked_loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="the loss of chunked_loss.py instead of the lecture's F.cross_entropy (default: as train_gpt2.py, "
+                        "on for CPUs in fp32 without compile)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on a GPU, 2 on a CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on a GPU, 5 on a CPU; "
                                                            "--compare_hf: 10)")
@@ -371,16 +494,25 @@ def resolve(args, rt):
         raise UserError(f"--n_embd ({args.n_embd}) must be a multiple of --n_head ({args.n_head})")
     if args.rungs and not args.ladder:
         raise UserError("--rungs goes with --ladder")
+    if rt.device_type == "cpu":
+        cpu_has_bf16_units()  # a bad BENCH_CPU_BF16 is an error even in a run with no bf16 row
+
+
+def run_maths(args, rt):
+    """The (dtype, fp32 matmul precision) of every step the run will time: the machine line measures the CPU's
+    peak in those and no other (each costs about a second)."""
+    if args.compare_hf:  # both models run in rt.dtype at the current precision (no MFU: only for the record)
+        return [(torch.bfloat16 if rt.dtype == "bfloat16" else torch.float32, torch.get_float32_matmul_precision())]
+    configs = [cfg for _, cfg in ladder_rungs(args)] if args.ladder else [table_config(args, rt)]
+    return [step_math(cfg) for cfg in configs]
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        rt = train_gpt2.setup_runtime(args.device, reasons=[])  # one process: bench.py never runs DDP
-        if rt.device_type == "mps":
-            raise UserError("bench.py times CUDA GPUs and CPUs; use --device cpu")
+        rt = setup_runtime(args.device)
         resolve(args, rt)
-        describe_machine(rt)
+        describe_machine(rt, run_maths(args, rt))
         if args.compare_hf:
             compare_hf(args, rt)
         elif args.ladder:

@@ -375,7 +375,7 @@ def decide_settings(args, lecture_run, device_type, world_size):
         reasons.append(f"compile: {'on' if s.compile else 'off'} (default: on with CUDA only, where it pays off)")
     check_values(s)
     if s.chunked_loss is None:
-        s.chunked_loss = device_type == "cpu" and not s.compile and pick_dtype(device_type, []) == "float32"
+        s.chunked_loss = chunked_loss_by_default(device_type, pick_dtype(device_type, []), s.compile)
         reasons.append(f"chunked loss: {'on' if s.chunked_loss else 'off'} (default: on for CPUs in fp32 without "
                        f"compile, where it was measured faster; elsewhere the lecture's F.cross_entropy)")
     fit_micro_batch(s, world_size, "batch_size" in filled, reasons)
@@ -574,6 +574,12 @@ def autocast(device_type, dtype):
     if dtype == "bfloat16":
         return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def chunked_loss_by_default(device_type, dtype, compile):
+    """Where the chunked loss was measured faster than the lecture's: a CPU in fp32 without torch.compile
+    (README, "How fast"). Under bf16 + compile the lecture's compiled F.cross_entropy won on that CPU."""
+    return device_type == "cpu" and dtype == "float32" and not compile
 
 
 def with_chunked_loss(model):
