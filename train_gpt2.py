@@ -78,8 +78,7 @@ class CausalSelfAttention(nn.Module):
         # softmax(q @ k^T / sqrt(hs), causal mask) @ v: (B, nh, T, hs) @ (B, nh, hs, T) -> (B, nh, T, T), then
         # (B, nh, T, T) @ (B, nh, T, hs) -> (B, nh, T, hs).
         # Speed-up (flash attention): scaled_dot_product_attention runs a fused kernel where the hardware has
-        # one, which never writes the (T, T) matrix to memory; is_causal=True needs no mask buffer. The lecture
-        # measured its A100 step going from 130 to 96 ms with this line.
+        # one, which never writes the (T, T) matrix to memory; is_causal=True needs no mask buffer.
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, nh, T, hs) -> (B, T, nh, hs) -> (B, T, C)
         return self.c_proj(y)  # (B, T, C) @ (C, C) -> (B, T, C)
@@ -199,7 +198,7 @@ class GPT(nn.Module):
             f"none on {len(no_decay)} tensors, {sum(p.numel() for p in no_decay):,} parameters")
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # Speed-up: the fused CUDA kernel updates all parameters in a few launches instead of a loop over tensors
-        # (the lecture: 93 -> 90 ms per A100 step). On CPUs the for-each loop is used (see docs/benchmarks.md).
+        # CPUs keep the for-each loop (docs/benchmarks.md has what the fused kernel measured there).
         if fused is None:
             fused = device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
@@ -383,7 +382,7 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
 GPT2_124M_FINEWEB = dict(
     n_layer=12, n_head=12, n_embd=768,  # GPT-2 124M
     # 50257 padded to 50304 = 128 * 393: a "nice" number (many powers of 2) makes the output layer's matmuls
-    # faster on GPUs (the lecture: 96 -> 93 ms per A100 step); the extra rows learn to be never used
+    # faster on GPUs (CUDA kernels work in tiles of powers of 2); the extra rows learn to be never used
     vocab_size=50304,
     total_batch_size=2**19,  # 524,288 tokens per step, ~0.5M: GPT-3 small's batch size
     batch_size=64, seq_len=1024,  # micro-batch per GPU: what fits in 80 GB; gradient accumulation does the rest
@@ -445,7 +444,7 @@ def train(args):
         print0(f"hellaswag: {len(hella_examples):,} val examples every {s.hellaswag_every} steps")
 
     # Speed-up (TF32): fp32 matmuls may use the tensor cores' TF32 (10-bit mantissa; 8x the fp32 peak on the
-    # A100 datasheet). Whatever bf16 autocast leaves in fp32 gets faster too. The lecture: 1000 -> 333 ms per step.
+    # A100 datasheet). Whatever bf16 autocast leaves in fp32 gets faster too.
     if device_type == "cuda":
         torch.set_float32_matmul_precision("high")
 
@@ -463,14 +462,14 @@ def train(args):
         model = rs.with_chunked_loss(model)  # opt-in speed-up where it was measured faster (see chunked_loss.py)
     if s.compile:
         # Speed-up: torch.compile fuses the elementwise work (GELU, LayerNorm, residual adds) into few kernels and
-        # cuts Python overhead, for a compilation during the first step. The lecture: 333 -> 130 ms per A100 step.
+        # cuts Python overhead, for a compilation during the first step (2-core CPU, bf16: 1020 -> 633 ms per step,
+        # docs/benchmarks.md; `python bench.py --ladder` measures it on a GPU).
         model = torch.compile(model)
     if ddp:
         # DDP all-reduces (averages) the gradients across processes during backward
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
     # Speed-up (bf16): autocast runs matmuls in bfloat16 on the tensor cores (twice TF32's datasheet peak), while
     # weights, optimizer state and the reductions that need range (softmax, LayerNorm, loss) stay in fp32.
-    # The lecture: 333 -> 300 ms per A100 step.
     autocast = rs.autocast(device_type, dtype)
 
     # --- the optimizer, and what a resumed run continues from ---
