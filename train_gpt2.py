@@ -402,7 +402,11 @@ def train(args):
     ddp_local_rank = int(os.environ.get("LOCAL_RANK", 0))  # this process on its node: which GPU it uses
     ddp_world_size = int(os.environ.get("WORLD_SIZE", 1))
     master_process = ddp_rank == 0  # rank 0 prints, logs and writes checkpoints
-    print0 = print if master_process else (lambda *a, **k: None)
+
+    def print0(*args):
+        if master_process:
+            print(*args, flush=True)  # flushed: a log file or a pipe gets each line as it happens
+
     device_type, reasons = rs.pick_device(args.device, ddp)  # "cuda", "mps" or "cpu"
     device = f"cuda:{ddp_local_rank}" if device_type == "cuda" else device_type
     if ddp:
@@ -528,7 +532,7 @@ def train(args):
             _, texts = sample(raw_model, "Hello, I'm a language model,", num_return_sequences=4, max_length=32,
                               seed=42, device=device)
             for i, text in enumerate(texts):
-                print(f"sample {i}: {text}")
+                print0(f"sample {i}: {text}")
 
         if step > start_step and s.checkpoint_every > 0 and (step % s.checkpoint_every == 0 or last_step):
             run_log.save_checkpoint(step, raw_model, optimizer, train_loader, val_loss, device_type, device)
