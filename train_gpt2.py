@@ -456,8 +456,8 @@ def train(args):
     if s.init_from == "scratch":
         model = GPT(GPTConfig(block_size=s.block_size, vocab_size=s.vocab_size, n_layer=s.n_layer,
                               n_head=s.n_head, n_embd=s.n_embd))
-    else:
-        model = GPT.from_pretrained(s.init_from)  # fine-tune OpenAI's (or any Hugging Face) GPT-2
+    else:  # fine-tune OpenAI's (or any Hugging Face) GPT-2; each node's local rank 0 downloads it first
+        model = rs.on_every_node(lambda: GPT.from_pretrained(s.init_from))
     rs.load_weights(model, checkpoint)  # when resuming: before the DDP wrap, so every process starts the same
     model.to(device)
     raw_model = model  # the plain module: sampling, evaluation and state_dict use it (no wrappers, no prefixes)
