@@ -222,8 +222,8 @@ def test_flops_per_token_of_the_124M_model():
     n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
     expected = 6 * n + 12 * 12 * 768 * 1024
     assert run_support.flops_per_token(model.config, 1024) == expected
-    assert abs(expected - 0.855e9) < 0.001e9  # issue 8's "about 0.855 GFLOP/token"
-    # at 50% MFU one H100 would train on 989.4e12 * 0.5 / expected tokens per second: about 580K (issue 8)
+    assert abs(expected - 0.855e9) < 0.001e9  # "about 0.855 GFLOP per token", as flops_per_token documents
+    # at 50% MFU one H100 would train on 989.4e12 * 0.5 / expected tokens per second: about 580K
     assert 575e3 < 989.4e12 * 0.5 / expected < 585e3
 
 
