@@ -30,6 +30,7 @@ from torch.nn import functional as F
 
 import run_support as rs
 import train_gpt2
+from chunked_loss import ChunkedLossGPT
 from run_support import UserError
 from train_gpt2 import GPT, GPTConfig
 
@@ -161,7 +162,9 @@ class Runtime:
     peak_flops: float = None  # the GPU's bf16 dense peak, FLOP/s; None on CPUs and unknown GPUs
 
     def autocast(self):
-        return rs.autocast(self.device_type, self.dtype)
+        if self.dtype == "bfloat16":
+            return torch.autocast(self.device_type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def synchronize(self):
         if self.device_type == "cuda":
@@ -231,7 +234,7 @@ def bench_step(args, rt, cfg, B, T):
                        n_head=args.n_head, n_embd=args.n_embd)
     model = GPT(config).to(rt.device)
     optimizer = model.configure_optimizers(0.1, 6e-4, rt.device_type, log=lambda *a: None, fused=cfg.fused_adamw)
-    stepped = rs.with_chunked_loss(model) if cfg.chunked_loss else model
+    stepped = ChunkedLossGPT(model) if cfg.chunked_loss else model
     if cfg.compile:
         # each configuration compiles afresh, with no on-disk cache either: the cache's key leaves out the SDPA
         # backend, so the "flash" rung would get the math rung's compiled code back
@@ -393,7 +396,7 @@ def compare_hf(args, rt):
                          n_embd=args.n_embd))
     train_gpt2.copy_hf_weights(hf, ours)  # the same starting weights: the losses below must agree
     hf.to(rt.device), ours.to(rt.device)
-    ours_loss = rs.with_chunked_loss(ours) if table_config(args, rt).chunked_loss else ours  # as train_gpt2.py
+    ours_loss = ChunkedLossGPT(ours) if table_config(args, rt).chunked_loss else ours  # as train_gpt2.py
     steps = {
         "ours": (ours, lambda x, y: ours_loss(x, y)[1]),
         "hf": (hf, lambda x, y: F.cross_entropy(hf(x).logits.view(-1, V), y.view(-1))),

@@ -7,18 +7,18 @@ train_gpt2.py calls these by name; fineweb.py, hellaswag.py and bench.py share t
   2. Files              checked downloads, Tiny Shakespeare, GPT-2's tokenizer from the committed files
   3. Settings           the flags, the presets for machines without the lecture's GPUs or data, the checks,
                         and rank 0's decisions that every process follows
-  4. Device and speed   device and dtype choice, autocast, the opt-in chunked loss, MFU
+  4. Device and speed   device and dtype choice, where the chunked loss is on by default, MFU
   5. Checkpoints        safe loading, atomic saving, exact resume, log.txt and config.json
   6. Stopping           Ctrl-C and SIGTERM end the run cleanly, on every process together
   7. Using a model      --sample and --export_hf, Hugging Face conversion (also for hellaswag.py)
 
-Imports flow one way: train_gpt2.py -> hellaswag.py -> run_support.py. This file imports no project file, and
+Imports flow one way: train_gpt2.py -> hellaswag.py -> run_support.py (and train_gpt2.py -> chunked_loss.py).
+This file imports no project file, and
 torch only inside the functions that use it: fineweb.py uses sections 1 and 2 and needs no torch (importing it
 costs a process 2-3 s and 180 MB on a 2-core CPU).
 """
 
 import argparse
-import contextlib
 import hashlib
 import http.client
 import json
@@ -39,6 +39,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 class UserError(Exception):
     """A mistake the user can fix (a flag, a path, a file, no network): printed as one line 'error: ...', exit 2."""
+
+
+class SharedUserError(UserError):
+    """A UserError that every process of a DDP job raises together: each node prints it once (its local rank 0)."""
 
 
 class TrainingDiverged(Exception):
@@ -79,7 +83,8 @@ def run_training(train, args):
             dist.barrier()
         return code
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not isinstance(e, SharedUserError) or int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
@@ -357,6 +362,8 @@ def decide_settings(args, lecture_run, device_type, world_size):
             ensure_tiny_shakespeare()
     if not os.path.exists(s.data):
         raise UserError(f"--data {s.data} does not exist; pass a text file or a folder of fineweb.py shards")
+    if s.init_from != "scratch":
+        adopt_pretrained_shape(s)
     if device_type != "cuda":
         name = "small"  # the 124M model would need weeks on a CPU: a small model shows learning in minutes
     else:
@@ -401,17 +408,20 @@ def check_values(s):
                         f"(got {s.max_lr}, {s.min_lr}, {s.grad_clip})")
     if s.n_embd % s.n_head != 0:
         raise UserError(f"--n_embd {s.n_embd} must be a multiple of --n_head {s.n_head}")
-    pretrained = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
-    if s.init_from != "scratch" and s.init_from not in pretrained and not os.path.isdir(s.init_from):
-        raise UserError(f"--init_from {s.init_from}: not 'scratch', a GPT-2 name ({', '.join(pretrained)}) "
-                        f"or a folder with a Hugging Face GPT-2 checkpoint")
-    block_size = s.block_size
-    if s.init_from != "scratch":
-        block_size = 1024 if s.init_from in pretrained else hf_block_size(s.init_from)
-    if s.seq_len > block_size:
-        raise UserError(f"--seq_len {s.seq_len} is longer than the model's block size {block_size}")
+    if s.seq_len > s.block_size:
+        raise UserError(f"--seq_len {s.seq_len} is longer than the model's block size {s.block_size}")
     if s.hellaswag_every > 0 and s.hellaswag_file is not None and not os.path.isfile(s.hellaswag_file):
         raise UserError(f"--hellaswag_file {s.hellaswag_file} does not exist")
+    check_log_dir(s.log_dir)
+
+
+def check_log_dir(log_dir):
+    """--log_dir must be a folder that exists or can be made, and be writable: found now, not at the first save."""
+    path = os.path.abspath(log_dir)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--log_dir {log_dir}: {path} is not a folder this process can write to")
 
 
 def fit_micro_batch(s, world_size, from_preset, reasons):
@@ -438,12 +448,26 @@ def fit_micro_batch(s, world_size, from_preset, reasons):
                    f"({s.total_batch_size} / ({s.batch_size} x {s.seq_len} x {world_size}))")
 
 
-def hf_block_size(folder):
+def adopt_pretrained_shape(s):
+    """Fine-tuning (--init_from NAME or FOLDER): the model's shape is the pretrained model's, so the settings (and
+    config.json and the checkpoints) record that shape; a shape flag that disagrees with it is an error."""
+    names = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+    if s.init_from not in names and not os.path.isdir(s.init_from):
+        raise UserError(f"--init_from {s.init_from}: not 'scratch', a GPT-2 name ({', '.join(names)}) "
+                        f"or a folder with a Hugging Face GPT-2 checkpoint")
+    from transformers import GPT2Config
+
     try:
-        with open(os.path.join(folder, "config.json")) as f:
-            return int(json.load(f)["n_positions"])
-    except (OSError, ValueError, KeyError) as e:
-        raise UserError(f"--init_from {folder}: no readable GPT-2 config.json there ({e})") from e
+        c = GPT2Config.from_pretrained(s.init_from)
+    except (OSError, ValueError) as e:  # offline without a cached copy, or a folder without a config.json
+        raise UserError(f"--init_from {s.init_from}: could not read its config ({one_line(e)}); check the network "
+                        f"or the folder") from e
+    shape = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, vocab_size=c.vocab_size, block_size=c.n_positions)
+    for k, v in shape.items():
+        given = getattr(s, k)
+        if k != "block_size" and given is not None and given != v:
+            raise UserError(f"--{k} {given}, but --init_from {s.init_from} has {k} {v}; leave it out when fine-tuning")
+        setattr(s, k, v)
 
 
 def broadcast_from_rank0(obj):
@@ -457,29 +481,43 @@ def broadcast_from_rank0(obj):
     return box[0]
 
 
-def on_every_node(fn):
-    """fn() on every process, each node's local rank 0 first (it does the node's downloads, and the others then
-    find the files). If fn fails with a UserError on any process, every process raises the same one-line error
-    naming that node: a node without a file stops the whole job at once instead of leaving the others waiting."""
+def agree_on_errors(error):
+    """Every process passes its error (None, or (kind, message)); if any process has one, all of them raise the
+    first, naming that process's node: a node that cannot go on stops the whole job instead of leaving the others
+    waiting in a collective until it times out."""
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        return fn()
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    result, error = None, None
-    for turn in (0, 1):  # turn 0: the local ranks 0; turn 1: all the others
-        if (local_rank == 0) == (turn == 0):
-            try:
-                result = fn()
-            except UserError as e:
-                error = str(e)
-        dist.barrier()
     node = os.environ.get("GROUP_RANK", "0")  # torchrun's number of this node
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, (node, socket.gethostname(), dist.get_rank(), error))
     for node, host, rank, error in errors:
         if error is not None:
-            raise UserError(f"node {node} ({host}, rank {rank}): {error}")
+            kind, message = error
+            message = f"node {node} ({host}, rank {rank}): {message}"
+            raise SharedUserError(message) if kind == "user" else RuntimeError(message)
+
+
+def as_error(e):
+    return ("user", str(e)) if isinstance(e, UserError) else ("bug", f"{type(e).__name__}: {one_line(e)}")
+
+
+def on_every_node(fn):
+    """fn() on every process, each node's local rank 0 first (it does the node's downloads, and the others then
+    find the files). If fn fails on any process, every process raises the same one-line error naming that node."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return fn()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    result = None
+    for turn in (0, 1):  # turn 0: the local ranks 0; turn 1: all the others
+        error = None
+        if (local_rank == 0) == (turn == 0):
+            try:
+                result = fn()
+            except Exception as e:  # whatever it is, the other processes must hear of it
+                error = as_error(e)
+        agree_on_errors(error)  # (also the barrier between the turns)
     return result
 
 
@@ -487,16 +525,22 @@ def resolve_settings(args, lecture_run, device_type, ddp_rank, ddp_world_size, r
     """Rank 0 decides the settings (data, preset, micro-batch, the checkpoint to resume) and every process follows.
     Each node then loads that checkpoint from its own disk; a node without it stops the whole job. Returns the
     settings and the loaded checkpoint (None for a fresh start)."""
-    decision = None
-    if ddp_rank == 0:
-        try:
-            decision = ("ok", decide_settings(args, lecture_run, device_type, ddp_world_size))
-        except UserError as e:
-            decision = ("error", str(e))
-    decision = broadcast_from_rank0(decision)
-    if decision[0] == "error":
-        raise UserError(decision[1])
-    s, more_reasons, resume_path = decision[1]
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        s, more_reasons, resume_path = decide_settings(args, lecture_run, device_type, ddp_world_size)
+    else:
+        decision = None
+        if ddp_rank == 0:
+            try:
+                decision = ("ok", decide_settings(args, lecture_run, device_type, ddp_world_size))
+            except Exception as e:  # whatever it is, the other processes must hear of it
+                decision = ("error", as_error(e))
+        decision = broadcast_from_rank0(decision)
+        if decision[0] == "error":
+            kind, message = decision[1]
+            raise SharedUserError(message) if kind == "user" else RuntimeError(message)
+        s, more_reasons, resume_path = decision[1]
     reasons.extend(more_reasons)
 
     def load_here():
@@ -567,26 +611,10 @@ def pick_dtype(device_type, reasons):
     return "float32"
 
 
-def autocast(device_type, dtype):
-    """The context the forward passes run in: bf16 autocast, or nothing for fp32. It can be entered many times."""
-    import torch
-
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def chunked_loss_by_default(device_type, dtype, compile):
     """Where the chunked loss was measured faster than the lecture's: a CPU in fp32 without torch.compile
     (README, "How fast"). Under bf16 + compile the lecture's compiled F.cross_entropy won on that CPU."""
     return device_type == "cpu" and dtype == "float32" and not compile
-
-
-def with_chunked_loss(model):
-    """The model with the output layer and loss computed in chunks (chunked_loss.py); the same loss and gradients."""
-    from chunked_loss import ChunkedLossGPT
-
-    return ChunkedLossGPT(model)
 
 
 # Model FLOPs utilisation (MFU, PaLM paper, appendix B): the FLOPs the model needs per second, as a fraction of
@@ -640,7 +668,9 @@ def list_checkpoints(log_dir):
     """Complete checkpoints in log_dir, oldest first (a file being written has a .tmp name and is not listed)."""
     if not os.path.isdir(log_dir):
         return []
-    names = sorted(n for n in os.listdir(log_dir) if n.startswith("model_") and n.endswith(".pt"))
+    names = [n for n in os.listdir(log_dir) if n.startswith("model_") and n.endswith(".pt")
+             and n[len("model_"):-len(".pt")].isdigit()]
+    names.sort(key=lambda n: int(n[len("model_"):-len(".pt")]))  # by step: model_100000.pt after model_99999.pt
     return [os.path.join(log_dir, n) for n in names]
 
 
@@ -730,8 +760,6 @@ class RunLog:
                 f.write(text + "\n")
 
     def save_checkpoint(self, step, raw_model, optimizer, train_loader, val_loss, device_type, device):
-        import torch
-
         if not self.master_process:
             return
         path = checkpoint_path(self.s.log_dir, step)
@@ -877,11 +905,9 @@ def run_model_command(args, GPT, GPTConfig, sample):
 
 def sample_command(args, GPT, GPTConfig, sample):
     """--sample: print samples from one of our checkpoints or a Hugging Face GPT-2 name/folder."""
-    import torch
-
     if min(args.num_samples, args.max_new_tokens, args.top_k) <= 0:
         raise UserError("--num_samples, --max_new_tokens and --top_k must be positive")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device, _ = pick_device(args.device, ddp=False)  # --device, or the fastest this machine has
     model = load_model(args.sample, GPT, GPTConfig, device)
     enc = get_tokenizer()
     max_length = len(enc.encode(args.prompt)) + args.max_new_tokens

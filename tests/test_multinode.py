@@ -190,3 +190,16 @@ def test_three_processes_read_the_same_tokens_as_one(tmp_path):
     single_config = open(single / "log" / "config.json").read()
     assert '"grad_accum_steps": 2' in single_config  # one process: 6 x 128 x 2
     assert_same_log(read_log(cwd / "log" / "log.txt"), read_log(single / "log" / "log.txt"))
+
+
+def test_an_error_all_processes_share_is_printed_once_per_node(tmp_path):
+    """Two processes on one node, a checkpoint that does not exist: both stop, and the node prints one line."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_gpt2.py"), "--data", os.path.join(ROOT, "input.txt"), *TINY, "--max_steps", "2",
+           "--resume", "missing.pt"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert out.returncode != 0
+    errors = [l for l in (out.stdout + out.stderr).splitlines() if l.startswith("error: ")]
+    assert errors == ["error: node 0 (%s, rank 0): checkpoint missing.pt does not exist" % socket.gethostname()], \
+        out.stderr[-3000:]
