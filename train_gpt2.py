@@ -7,9 +7,9 @@ Reproduce GPT-2 (124M) from scratch, in one file you can read top to bottom alon
   2. Sampling            top-k sampling with a seeded generator
   3. Data                DataLoaderLite over Tiny Shakespeare or FineWeb-Edu shards
   4. Learning rate       get_lr: linear warmup, then cosine decay
-  5. The training script DDP and device, batch and gradient accumulation, data, TF32, the model,
-                         torch.compile, DDP, the optimizer, then the loop: validation, HellaSwag,
-                         samples, checkpoints, and one optimizer step
+  5. The training script DDP and device, the settings (rank 0 decides), batch and gradient
+                         accumulation, data, TF32, the model, torch.compile, DDP, bf16, the optimizer,
+                         then the loop: validation, HellaSwag, samples, checkpoints, one optimizer step
 
 What a real run needs beyond the lecture (flag checks and presets, checkpoints and exact resume, Ctrl-C and
 SIGTERM, MFU, the --sample and --export_hf commands, downloads) lives in run_support.py; the opt-in chunked
@@ -22,6 +22,7 @@ Run it:
 Importing this file only defines things: the work happens in main().
 """
 
+import contextlib
 import math
 import os
 import sys
@@ -37,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
 import run_support as rs
+from chunked_loss import ChunkedLossGPT
 
 # -----------------------------------------------------------------------------
 # 1. The GPT-2 model
@@ -432,11 +434,15 @@ def train(args):
     # gradient accumulation: each process adds up the gradients of grad_accum_steps micro-batches per step
     grad_accum_steps = total_batch_size // (B * T * ddp_world_size)
 
-    train_loader, val_loader, hella_examples = rs.on_every_node(lambda: (
-        DataLoaderLite(s.data, B, T, ddp_rank, ddp_world_size, "train", s.seed, pin_memory=device_type == "cuda"),
-        DataLoaderLite(s.data, B, T, ddp_rank, ddp_world_size, "val", s.seed),
-        rs.hellaswag_examples(s, hellaswag.load_examples)))
-    val_chunks = min(s.val_tokens // (B * T), (val_loader.total - 1) // (B * T))  # micro-batches per validation
+    def load_data():  # on every node: a node that cannot read its data stops the whole job (run_support)
+        rs.get_tokenizer()  # now, not first in the middle of the run (sampling, HellaSwag)
+        return (DataLoaderLite(s.data, B, T, ddp_rank, ddp_world_size, "train", s.seed, pin_memory=device_type == "cuda"),
+                DataLoaderLite(s.data, B, T, ddp_rank, ddp_world_size, "val", s.seed),
+                rs.hellaswag_examples(s, hellaswag.load_examples))
+
+    train_loader, val_loader, hella_examples = rs.on_every_node(load_data)
+    # micro-batches per validation: --val_tokens of them, at most the whole val split, at least one
+    val_chunks = max(1, min(s.val_tokens // (B * T), (val_loader.total - 1) // (B * T)))
     for line in reasons:
         print0(line)
     print0("settings: " + " ".join(f"--{k} {v}" for k, v in vars(s).items()))
@@ -463,7 +469,7 @@ def train(args):
     raw_model = model  # the plain module: sampling, evaluation and state_dict use it (no wrappers, no prefixes)
     print0(f"model: {raw_model.config} with {sum(p.numel() for p in raw_model.parameters()):,} parameters")
     if s.chunked_loss:
-        model = rs.with_chunked_loss(model)  # opt-in speed-up where it was measured faster (see chunked_loss.py)
+        model = ChunkedLossGPT(model)  # opt-in speed-up where it was measured faster (see chunked_loss.py)
     if s.compile:
         # Speed-up: torch.compile fuses the elementwise work (GELU, LayerNorm, residual adds) into few kernels and
         # cuts Python overhead, for a compilation during the first step (2-core CPU, bf16: 1020 -> 633 ms per step,
@@ -474,15 +480,17 @@ def train(args):
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
     # Speed-up (bf16): autocast runs matmuls in bfloat16 on the tensor cores (twice TF32's datasheet peak), while
     # weights, optimizer state and the reductions that need range (softmax, LayerNorm, loss) stay in fp32.
-    autocast = rs.autocast(device_type, dtype)
+    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
 
     # --- the optimizer, and what a resumed run continues from ---
     optimizer = raw_model.configure_optimizers(weight_decay=s.weight_decay, learning_rate=s.max_lr,
                                                device_type=device_type, log=print0)
     start_step, val_loss = rs.restore_training_state(checkpoint, optimizer, train_loader, device_type, device)
-    if checkpoint is not None:
+    resumed = checkpoint is not None
+    del checkpoint  # its weights and optimizer state are in the model and optimizer now: free the copy
+    if resumed:
         print0(f"resumed from step {start_step}")
-    run_log = rs.RunLog(s, master_process, resumed=checkpoint is not None,
+    run_log = rs.RunLog(s, master_process, resumed=resumed,
                         config={"why": reasons, "world_size": ddp_world_size, "device": device, "dtype": dtype,
                                 "grad_accum_steps": grad_accum_steps})
     peak_flops = rs.gpu_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None  # MFU
@@ -495,28 +503,28 @@ def train(args):
     stop = rs.StopRequest()  # Ctrl-C or SIGTERM: finish the step, save, exit
     for step in range(start_step, s.max_steps + 1):
         last_step = step == s.max_steps
-        evaluate = step > start_step or checkpoint is None
+        evaluate_now = step > start_step or not resumed
 
         # validation loss, on the same chunks whatever the number of processes (process r takes r, r+W, ...)
-        if evaluate and s.eval_every > 0 and (step % s.eval_every == 0 or last_step):
+        if evaluate_now and s.eval_every > 0 and (step % s.eval_every == 0 or last_step):
             raw_model.eval()
             val_loader.reset()
-            val_loss_accum = torch.zeros(2, device=device)  # (sum of micro-batch losses, number of micro-batches)
+            val_loss_accum = torch.zeros((), device=device)
             with torch.no_grad():
-                while val_loader.chunk < val_chunks:
+                while val_loader.chunk < val_chunks:  # this process's chunks among the first val_chunks
                     x, y = val_loader.next_batch()
                     x, y = x.to(device), y.to(device)
                     with autocast:
                         logits, loss = raw_model(x, y)
-                    val_loss_accum += torch.stack([loss.float(), torch.ones((), device=device)])
+                    val_loss_accum += loss.float() / val_chunks
             if ddp:
-                dist.all_reduce(val_loss_accum)  # summed over processes (gloo has no AVG)
-            val_loss = (val_loss_accum[0] / val_loss_accum[1]).item()
+                dist.all_reduce(val_loss_accum)  # the processes' shares add up to the mean (gloo has no AVG)
+            val_loss = val_loss_accum.item()
             print0(f"validation loss: {val_loss:.4f}")
             run_log.line(f"{step} val {val_loss:.6f}")  # 6 decimals like the train lines: tests compare runs at 1e-5
 
         # HellaSwag acc_norm: process r scores examples r, r+W, ... and the counts are summed (exact under DDP)
-        if evaluate and hella_examples and (step % s.hellaswag_every == 0 or last_step):
+        if evaluate_now and hella_examples and (step % s.hellaswag_every == 0 or last_step):
             _, num_correct_norm, num_total = hellaswag.evaluate(
                 raw_model, hella_examples[ddp_rank::ddp_world_size], device, batch_size=s.hellaswag_batch_size,
                 autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
@@ -528,20 +536,19 @@ def train(args):
             run_log.line(f"{step} hella {acc_norm:.4f}")
 
         # samples from the model as it is now (rank 0 only; a seeded generator of its own)
-        if evaluate and master_process and s.sample_every > 0 and ((step > 0 and step % s.sample_every == 0) or last_step):
+        if evaluate_now and master_process and s.sample_every > 0 and ((step > 0 and step % s.sample_every == 0) or last_step):
             _, texts = sample(raw_model, "Hello, I'm a language model,", num_return_sequences=4, max_length=32,
                               seed=42, device=device)
             for i, text in enumerate(texts):
                 print0(f"sample {i}: {text}")
 
-        if step > start_step and s.checkpoint_every > 0 and (step % s.checkpoint_every == 0 or last_step):
+        if stop.agreed:
+            print0(f"stopping at step {step} ({stop.name}): saving a checkpoint to resume from")
+        if step > start_step and (stop.agreed or s.checkpoint_every > 0 and (step % s.checkpoint_every == 0 or last_step)):
             run_log.save_checkpoint(step, raw_model, optimizer, train_loader, val_loss, device_type, device)
         if last_step:
             break
         if stop.agreed:
-            print0(f"stopping at step {step} ({stop.name}): saving a checkpoint to resume from")
-            if step > start_step:
-                run_log.save_checkpoint(step, raw_model, optimizer, train_loader, val_loss, device_type, device)
             return stop.exit_status
 
         # --- one optimizer step ---
@@ -575,11 +582,12 @@ def train(args):
             param_group["lr"] = lr
         optimizer.step()
         # one read-back from the device per step, after all the step's work was queued
-        loss_sum, stop_votes, norm = torch.cat([loss_and_stop, norm.reshape(1).to(device)]).tolist()
+        loss_sum, stop_votes, norm = torch.cat([loss_and_stop, norm[None]]).tolist()
         dt = time.perf_counter() - t0
         loss = loss_sum / ddp_world_size
-        if not math.isfinite(loss):
-            raise rs.TrainingDiverged(f"step {step}: the loss is {loss}; stopping, the last good checkpoint is kept")
+        if not math.isfinite(loss) or not math.isfinite(norm):  # NaN weights must never reach a checkpoint
+            what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
+            raise rs.TrainingDiverged(f"step {step}: {what}; stopping, the last good checkpoint is kept")
         stop.vote(stop_votes)
         mfu = rs.format_mfu(flops_per_step / dt / ddp_world_size, peak_flops)  # per GPU, against its peak
         print0(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.2f}ms | "

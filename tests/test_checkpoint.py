@@ -219,6 +219,7 @@ def bad_inputs(tmp_path, shakespeare):
         "resume-missing": (ok + ["--resume", str(tmp_path / "missing.pt")], "does not exist"),
         "resume-corrupt": (ok + ["--resume", str(corrupt)], "not a loadable checkpoint"),
         "init-from": (ok + ["--init_from", "gpt5"], "--init_from gpt5"),
+        "log-dir-is-a-file": (ok + ["--log_dir", str(corrupt / "log")], "is not a folder this process can write to"),
     })
     return cases
 
@@ -252,3 +253,57 @@ def test_resume_with_other_math_is_refused(tmp_path, shakespeare, existing_run, 
     code = run(shakespeare, tmp_path / "other", "--max_steps", "1", "--max_lr", "1e-3", "--resume", ckpt)
     assert code == 2
     assert "--max_lr is 0.001 but the checkpoint was trained with" in capsys.readouterr().err
+
+
+def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
+    for step in (99_999, 100_000, 5):
+        run_support.save_checkpoint(run_support.checkpoint_path(str(tmp_path), step),
+                                    {"format": run_support.CHECKPOINT_FORMAT, "step": step})
+    assert [os.path.basename(p) for p in run_support.list_checkpoints(str(tmp_path))] == [
+        "model_00005.pt", "model_99999.pt", "model_100000.pt"]  # --resume auto takes the last one
+
+
+def test_a_gradient_norm_that_is_not_finite_stops_the_run(tmp_path, shakespeare, monkeypatch, capsys):
+    real_clip = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def clip(parameters, max_norm):
+        norm = real_clip(parameters, max_norm)
+        calls["n"] += 1
+        return norm * float("inf") if calls["n"] == 4 else norm  # step 3: a finite loss, an infinite gradient
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    code = run(shakespeare, tmp_path, "--max_steps", "10", "--eval_every", "0", "--checkpoint_every", "2")
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: step 3: the gradient norm is inf"), err
+    assert [os.path.basename(p) for p in run_support.list_checkpoints(str(tmp_path))] == ["model_00002.pt"]
+
+
+def test_a_tiny_val_tokens_still_validates_one_micro_batch(tmp_path, shakespeare):
+    assert run(shakespeare, tmp_path, "--max_steps", "1", "--eval_every", "1", "--checkpoint_every", "0",
+               "--val_tokens", "1") == 0
+    val = [float(l.split()[2]) for l in log_lines(tmp_path) if " val " in l]
+    assert len(val) == 2 and all(10 < v < 11.5 for v in val)  # one micro-batch each time, a finite loss
+
+
+def test_fine_tuning_records_the_pretrained_shape(tmp_path, shakespeare, hf_model_dir, capsys):
+    # the CPU preset's shape (4 layers, 128 wide) must not be what config.json says of a 2-layer, 64-wide model
+    def fine_tune(log_dir, *extra):
+        return train_gpt2.main(["--data", shakespeare, "--device", "cpu", "--init_from", hf_model_dir, "--batch_size",
+                                "2", "--seq_len", "32", "--total_batch_size", "64", "--max_steps", "1",
+                                "--eval_every", "0", "--sample_every", "0", "--checkpoint_every", "1",
+                                "--log_dir", str(log_dir), *extra])
+
+    assert fine_tune(tmp_path / "ft", "--n_layer", "2") == 0  # a shape flag that agrees is fine
+    import json
+    settings = json.load(open(tmp_path / "ft" / "config.json"))["settings"]
+    assert (settings["n_layer"], settings["n_head"], settings["n_embd"], settings["vocab_size"],
+            settings["block_size"]) == (2, 2, 64, 50257, 128)
+    ckpt = run_support.load_checkpoint(str(tmp_path / "ft" / "model_00001.pt"))
+    assert ckpt["config"] == {"block_size": 128, "vocab_size": 50257, "n_layer": 2, "n_head": 2, "n_embd": 64}
+    capsys.readouterr()
+    # a shape flag that disagrees with the pretrained model is a user error
+    assert fine_tune(tmp_path / "bad", "--n_embd", "96") == 2
+    assert "--n_embd 96, but --init_from" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
