@@ -350,7 +350,10 @@ MATH_SETTINGS = ("data", "total_batch_size", "batch_size", "seq_len", "max_steps
 def decide_settings(args, lecture_run, device_type, world_size):
     """Fill the flags left unset from the run chosen for this machine and data, and check every value (on rank 0,
     whose choice all processes follow). Returns (settings, reasons, path of the checkpoint to resume or None)."""
-    s, reasons = argparse.Namespace(**vars(args)), []
+    # the training settings: every flag but those of --sample and --export_hf, which never reach a training run
+    model_command_flags = ("sample", "prompt", "num_samples", "max_new_tokens", "top_k", "export_hf")
+    s = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in model_command_flags})
+    reasons = []
     if s.data is None:
         if os.path.isdir(FINEWEB_SHARDS) and any(n.endswith(".npy") and "train" in n for n in os.listdir(FINEWEB_SHARDS)):
             s.data = FINEWEB_SHARDS
