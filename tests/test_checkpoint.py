@@ -34,6 +34,7 @@ def test_resumed_run_logs_bitwise_the_same_losses(tmp_path, shakespeare):
                "--resume", str(ckpt)) == 0
     full, resumed = log_lines(tmp_path / "a"), log_lines(tmp_path / "b")
     second_half = [l for l in full if int(l.split()[0]) > 4 or (l.startswith("4 ") and "train" in l)]
+    # the same computation twice (same shapes, same process, same kernels): bit for bit on any CPU
     assert resumed == second_half  # the same text: bitwise-equal losses (to the printed digits)
     a = torch.load(tmp_path / "a" / "model_00008.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "b" / "model_00008.pt", weights_only=True)["model"]

@@ -36,7 +36,11 @@ def test_logits_and_loss_match_hugging_face(tmp_path, n_layer, n_head, n_embd):
     assert abs(shifted_loss.item() - out.loss.item()) < 1e-5
     # with targets the model still returns its logits (B, T, V), and the loss is the lecture's cross-entropy on them
     assert shifted_logits.shape == (3, 39, 50257)
-    torch.testing.assert_close(shifted_logits, logits[:, :-1], rtol=0, atol=0)
+    # 39 positions and 40 run the matmuls and attention at other shapes, which CPU kernels block and vectorise
+    # differently (AVX2 and AVX-512 differ too): the same logits to fp32 rounding, not bit for bit
+    rel = ((shifted_logits - logits[:, :-1]).abs().max() / logits.abs().max()).item()
+    assert rel < 1e-5, rel
+    # the same cross-entropy call on the same logits, run twice: bit for bit on any CPU
     expected = F.cross_entropy(shifted_logits.reshape(-1, 50257), idx[:, 1:].reshape(-1))
     assert shifted_loss.item() == expected.item()
 
@@ -100,7 +104,9 @@ def test_chunked_loss_model_gives_the_lectures_loss_and_gradients(bf16):
         results.append((loss.item(), [p.grad.clone() for p in model.parameters()], logits))
     (plain_loss, plain_grads, plain_logits), (chunked_value, chunked_grads, no_logits) = results
     assert plain_logits.shape == (10, 32, 301) and no_logits is None
-    assert abs(plain_loss - chunked_value) < (1e-5 if bf16 else 1e-6)
+    # the logits in chunks of 128 rows or all at once: other matmul shapes, so equal to rounding only (1 ulp of the
+    # loss seen in fp32, on AVX-512 and on AVX2 kernels); bf16: the same, with the logits rounded to bf16 in both
+    assert abs(plain_loss - chunked_value) < (1e-5 if bf16 else 1e-6 * abs(plain_loss))
     for a, b in zip(chunked_grads, plain_grads):
         # fp32: rounding only; bf16: each rounds the logits' gradient to bf16 at a different place (2**-8)
         assert _max_rel(a, b) < (2e-2 if bf16 else 1e-5)

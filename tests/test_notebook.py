@@ -132,9 +132,9 @@ def check_lecture_sections(nb, shakespeare):
 
     # 7. gradient accumulation: the same gradient as one big batch with the division, 4x without it
     out = printed(nb, "grad-accum")
-    assert number(r"max difference ([\d.e+-]+)", out) < 1e-6, out
+    assert number(r"max difference ([\d.e+-]+)", out) < 1e-5, out  # relative to the largest: fp32 rounding
     assert number(r"the gradient is ([\d.]+)x", out) == 4.0, out
-    assert "equal to 4 * big: True" in out
+    assert "equal to 4 * big to fp32 rounding: True" in out
 
 
 def test_notebook_on_a_tiny_run(tmp_path, monkeypatch, shakespeare):
