@@ -3,7 +3,7 @@ How fast is train_gpt2.py's training step? Milliseconds per step, tokens per sec
 
   python bench.py                 # on a GPU: GPT-2 124M at T=1024 for B = 16, 32, 64
                                   # on a CPU: a 4-layer, 256-wide model at T=256 for B = 4, 8, 16
-  python bench.py --compare_hf    # our step against Hugging Face GPT2LMHeadModel's, side by side (a CPU target)
+  python bench.py --compare_hf    # our step (and with --chunked_loss) against Hugging Face's, side by side
   python bench.py --ladder        # the lecture's speed-ups one at a time: fp32 -> TF32 -> bf16 -> compile -> ...
 
 Each row times train_gpt2.py's training step, taken as its loop takes it (forward, loss, backward, gradient
@@ -22,16 +22,17 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
 import torch
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import run_support as rs
-import train_gpt2
 from chunked_loss import ChunkedLossGPT
-from run_support import UserError
+from common import ArgumentParser, UserError
 from train_gpt2 import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -245,7 +246,6 @@ def bench_step(args, rt, cfg, B, T):
     loader = RandomTokens(B, T, cfg.vocab_size)
     attention = contextlib.nullcontext()
     if not cfg.flash:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
         attention = sdpa_kernel([SDPBackend.MATH])
         # the lecture's hand-written attention ran in bf16 under autocast; the math backend would upcast to fp32
         torch.backends.cuda.allow_fp16_bf16_reduction_math_sdp(True)
@@ -324,11 +324,8 @@ def nvidia_driver_version():
 def table_config(args, rt):
     """The default: train_gpt2.py's own configuration (timed at each batch size)."""
     on_gpu = rt.device_type == "cuda"
-    chunked = args.chunked_loss
-    if chunked is None:
-        chunked = rs.chunked_loss_by_default(rt.device_type, rt.dtype, args.compile)
     return StepConfig(tf32=on_gpu, bf16=on_gpu and rt.dtype == "bfloat16", compile=args.compile,
-                      fused_adamw=on_gpu, vocab_size=args.vocab_size, chunked_loss=chunked)
+                      fused_adamw=on_gpu, vocab_size=args.vocab_size, chunked_loss=args.chunked_loss)
 
 
 def run_table(args, rt):
@@ -382,8 +379,9 @@ def run_ladder(args, rt):
 
 def compare_hf(args, rt):
     """Our training step against Hugging Face's GPT2LMHeadModel at the same shape, with the same weights and the
-    same batches: forward, cross-entropy, backward, clipping, AdamW. The two alternate step by step (who goes
-    first alternates too), so a machine that slows down for a while slows both."""
+    same batches: forward, cross-entropy, backward, clipping, AdamW. Ours runs twice: as `python train_gpt2.py`
+    runs it (GPT.forward's F.cross_entropy) and with --chunked_loss. The three take turns step by step (who goes
+    first rotates too), so a machine that slows down for a while slows them all."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     B, T, V = args.batch_sizes[0], args.seq_len, args.vocab_size
@@ -392,18 +390,19 @@ def compare_hf(args, rt):
                                     n_layer=args.n_layer, n_head=args.n_head, activation_function="gelu_new",
                                     bos_token_id=min(50256, V - 1), eos_token_id=min(50256, V - 1),
                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # our model has no dropout
-    ours = GPT(GPTConfig(block_size=max(1024, T), vocab_size=V, n_layer=args.n_layer, n_head=args.n_head,
-                         n_embd=args.n_embd))
-    train_gpt2.copy_hf_weights(hf, ours)  # the same starting weights: the losses below must agree
-    hf.to(rt.device), ours.to(rt.device)
-    ours_loss = ChunkedLossGPT(ours) if table_config(args, rt).chunked_loss else ours  # as train_gpt2.py
+    with tempfile.TemporaryDirectory() as folder:  # the same starting weights: the losses below must agree
+        hf.save_pretrained(folder)
+        ours, ours_chunked = GPT.from_pretrained(folder), GPT.from_pretrained(folder)
+    chunked = ChunkedLossGPT(ours_chunked)
     steps = {
-        "ours": (ours, lambda x, y: ours_loss(x, y)[1]),
+        "ours": (ours, lambda x, y: ours(x, y)[1]),
+        "chunked": (ours_chunked, lambda x, y: chunked(x, y)[1]),
         "hf": (hf, lambda x, y: F.cross_entropy(hf(x).logits.view(-1, V), y.view(-1))),
     }
     runners = {}
     for name, (model, loss_fn) in steps.items():
-        # the same AdamW and parameter groups for both (configure_optimizers only reads model.parameters())
+        model.to(rt.device)
+        # the same AdamW and parameter groups for all (configure_optimizers only reads model.parameters())
         optimizer = GPT.configure_optimizers(model, 0.1, 6e-4, rt.device_type, log=lambda *a: None)
         loader = RandomTokens(B, T, V, seed=1)
 
@@ -418,14 +417,14 @@ def compare_hf(args, rt):
             return loss.item()
 
         runners[name] = run
-    print(f"our GPT vs Hugging Face GPT2LMHeadModel (attention: {hf.config._attn_implementation}): "
-          f"{args.n_layer} layers, {args.n_embd} wide, {args.n_head} heads, vocab {V}, B={B}, T={T}, "
-          f"{rt.dtype}; {args.warmup} warm-up steps each, then {args.steps} alternating")
+    print(f"our GPT (as train_gpt2.py runs it, and with --chunked_loss) vs Hugging Face GPT2LMHeadModel (attention: "
+          f"{hf.config._attn_implementation}): {args.n_layer} layers, {args.n_embd} wide, {args.n_head} heads, "
+          f"vocab {V}, B={B}, T={T}, {rt.dtype}; {args.warmup} warm-up steps each, then {args.steps} in turn")
     times = {name: [] for name in runners}
+    names = list(runners)
     for i in range(args.warmup + args.steps):
-        order = ["ours", "hf"] if i % 2 == 0 else ["hf", "ours"]
         losses = {}
-        for name in order:
+        for name in names[i % 3:] + names[:i % 3]:
             rt.synchronize()
             t0 = time.perf_counter()
             losses[name] = runners[name]()
@@ -433,15 +432,17 @@ def compare_hf(args, rt):
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - t0)
         tolerance = 1e-3 if rt.dtype == "float32" else 2e-2  # bf16 keeps 8 bits of mantissa; they round differently
-        if abs(losses["ours"] - losses["hf"]) > tolerance * abs(losses["hf"]):
-            raise RuntimeError(f"step {i}: our loss {losses['ours']:.6f} and HF's {losses['hf']:.6f} differ: "
-                               "the two models are not doing the same math")
-        timed = "" if i < args.warmup else \
-            f"  ours {1000 * times['ours'][-1]:7.1f} ms  hf {1000 * times['hf'][-1]:7.1f} ms"
-        print(f"step {i:3d}  loss ours {losses['ours']:.5f}  hf {losses['hf']:.5f}{timed}", flush=True)
-    ours_s, hf_s = statistics.median(times["ours"]), statistics.median(times["hf"])
-    print(f"median: ours {1000 * ours_s:.1f} ms, Hugging Face {1000 * hf_s:.1f} ms per step: "
-          f"ours takes {ours_s / hf_s:.2f}x Hugging Face's time")
+        for name in ("ours", "chunked"):
+            if abs(losses[name] - losses["hf"]) > tolerance * abs(losses["hf"]):
+                raise RuntimeError(f"step {i}: the loss of {name} ({losses[name]:.6f}) and HF's ({losses['hf']:.6f}) "
+                                   "differ: the models are not doing the same math")
+        timed = "" if i < args.warmup else "".join(f"  {n} {1000 * times[n][-1]:7.1f} ms" for n in names)
+        print(f"step {i:3d}  loss ours {losses['ours']:.5f}  chunked {losses['chunked']:.5f}  hf {losses['hf']:.5f}"
+              f"{timed}", flush=True)
+    ours_s, chunked_s, hf_s = (statistics.median(times[n]) for n in names)
+    print(f"median: ours {1000 * ours_s:.1f} ms, ours with --chunked_loss {1000 * chunked_s:.1f} ms, Hugging Face "
+          f"{1000 * hf_s:.1f} ms per step: ours takes {ours_s / hf_s:.2f}x Hugging Face's time, "
+          f"--chunked_loss {chunked_s / ours_s:.2f}x ours")
     return ours_s / hf_s
 
 
@@ -450,7 +451,7 @@ def compare_hf(args, rt):
 
 
 def build_parser():
-    p = rs.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto: cuda if there is one")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--compare_hf", action="store_true",
@@ -468,9 +469,8 @@ def build_parser():
     p.add_argument("--grad_accum", type=int, default=1, help="micro-steps per timed step")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA, as in train_gpt2.py)")
-    p.add_argument("--chunked_loss", action=argparse.BooleanOptionalAction, default=None,
-                   help="the loss of chunked_loss.py instead of the lecture's F.cross_entropy (default: as train_gpt2.py, "
-                        "on for CPUs in fp32 without compile)")
+    p.add_argument("--chunked_loss", action=argparse.BooleanOptionalAction, default=False,
+                   help="opt-in, as in train_gpt2.py: the loss of chunked_loss.py instead of GPT.forward's F.cross_entropy")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 5 on a GPU, 2 on a CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default: 20 on a GPU, 5 on a CPU; "
                                                            "--compare_hf: 10)")

@@ -2,12 +2,10 @@
 An opt-in speed-up: the output layer and the cross-entropy loss computed together, in chunks of rows, without
 ever holding the whole (B*T, V) matrix of logits.
 
-train_gpt2.py's GPT.forward computes the loss the lecture's way: logits = lm_head(x), then F.cross_entropy. The
---chunked_loss flag wraps the model in ChunkedLossGPT instead, which gives the same loss and gradients (tested to
-fp32 rounding in tests/test_model.py). It is on by default only where it was measured faster: a CPU in fp32
-without torch.compile (2-core AMD EPYC with AVX-512: README, "How fast"). Under bf16 autocast with torch.compile
-the same CPU ran the lecture's compiled loss faster (docs/benchmarks.md), and on GPUs `python bench.py --ladder`
-has a rung for each, so that a GPU run can settle it there.
+train_gpt2.py trains with GPT.forward, which computes the loss the lecture's way: logits = lm_head(x), then
+F.cross_entropy. Only the --chunked_loss flag (off by default, on every device) wraps the model in ChunkedLossGPT
+instead: the same blocks, then the same loss and gradients from LinearCrossEntropy (tested to fp32 rounding in
+tests/test_model.py). README, "How fast", has what it measured against the default, side by side in one run.
 """
 
 import torch
@@ -93,8 +91,7 @@ class ChunkedLossGPT(nn.Module):
     def forward(self, idx, targets):
         gpt = self.gpt
         B, T = idx.size()
-        if T > gpt.config.block_size:
-            raise ValueError(f"sequence length {T} is longer than the model's block_size {gpt.config.block_size}")
+        assert T <= gpt.config.block_size, f"sequence of length {T}, longer than block_size {gpt.config.block_size}"
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
         x = gpt.transformer.wte(idx) + gpt.transformer.wpe(pos)  # (B, T, C) + (T, C) -> (B, T, C)
         for block in gpt.transformer.h:

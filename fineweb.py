@@ -21,7 +21,7 @@ the next shard starts in the dataset, and the settings, so a rerun with other se
 The shards do not depend on --workers: documents are tokenized in parallel but written in dataset order.
 
 The tokenizer is tiktoken's "gpt2" encoding built from the committed gpt2_tokenizer/ files
-(run_support.get_tokenizer): nothing is downloaded for it.
+(common.get_tokenizer): nothing is downloaded for it.
 """
 import argparse
 import hashlib
@@ -34,7 +34,7 @@ import time
 
 import numpy as np
 
-from run_support import ArgumentParser, UserError, get_tokenizer, one_line
+from common import ArgumentParser, UserError, get_tokenizer, one_line
 
 EOT = 50256  # GPT-2's <|endoftext|>: it starts every document, so the model sees where documents begin
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -44,7 +44,7 @@ TMP = ".tmp"  # suffix of files being written: not .npy, so the training loader 
 DOCS_PER_TASK = 256  # documents per task: big enough that pickling and messages cost little
 TASKS_PER_MESSAGE = 8  # imap's chunksize: a worker has this much work in hand while we read the next tasks
 
-# Errors are run_support.UserError: one line `error: ...` on stderr and exit status 2, like the other scripts.
+# Errors are common.UserError: one line `error: ...` on stderr and exit status 2, like the other scripts.
 # A failure outside the command itself (the hub, the network, reading the dataset) exits with status 1 instead,
 # so that a script around this one can tell "rerun later" (1) from "change the command" (2); Ctrl-C exits 130.
 

@@ -41,7 +41,9 @@ import threading
 import time
 from collections import namedtuple
 
-from run_support import ArgumentParser, UserError, report_user_errors
+import torch
+
+from common import ArgumentParser, UserError, report_user_errors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKS = ("learning", "compile", "table", "ddp", "eval")
@@ -221,8 +223,8 @@ def read_text(path):
 
 Verdict = namedtuple("Verdict", "ok numbers why")
 
-STEP_LINE = re.compile(r"^step\s+(?P<step>\d+) \| loss (?P<loss>\S+) \| lr \S+ \| norm (?P<norm>\S+) \| "
-                       r"dt (?P<ms>[\d.]+)ms \| tok/sec \S+(?: \| mfu (?P<mfu>\S+))?\s*$", re.M)
+STEP_LINE = re.compile(r"^step\s+(?P<step>\d+) \| loss: (?P<loss>\S+) \| lr \S+ \| norm: (?P<norm>\S+) \| "
+                       r"dt: (?P<ms>[\d.]+)ms \| tok/sec: \S+(?: \| mfu: (?P<mfu>\S+))?\s*$", re.M)
 TABLE_ROW = re.compile(r"^(?P<label>.*?)\s+(?P<B>\d+)\s+(?P<ms>\d+(?:\.\d+)?)\s+(?P<tokens>[\d,]+)\s+"
                        r"(?P<mfu>\d+(?:\.\d+)?%|-)\s+(?P<memory>\d+(?:\.\d+)?) GiB\s*$")
 TABLE_ERROR_ROW = re.compile(r"^(?P<label>.*?)\s+(?P<B>\d+)\s+(?P<error>(?:out of memory|skipped|error)\b.*)$")
@@ -516,8 +518,6 @@ def build_parser():
 
 
 def describe_machine(dry):
-    import torch
-
     if dry:
         return f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__} (dry run: a 2-layer, 32-wide " \
                f"model, no targets)"
@@ -539,8 +539,6 @@ def main(argv=None):
 
 
 def run_checks(args):
-    import torch
-
     start = time.monotonic()
     if not args.dry_run and not torch.cuda.is_available():
         raise UserError("no CUDA GPU here; use --dry_run to check the script on the CPU")

@@ -43,8 +43,9 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm
 
-from run_support import ArgumentParser, UserError, get_tokenizer, hf_model_from_file, report_user_errors
-from run_support import download as download_file
+from checkpoints import hf_model_from_file
+from common import ArgumentParser, UserError, get_tokenizer, report_user_errors
+from common import download as download_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -58,7 +59,7 @@ EXPECTED = {"val": (12_246_618, "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04
 
 
 def download(url, path, size=None, sha256=None):
-    """Download a HellaSwag file: checked, written to a temporary name, then renamed (run_support.download)."""
+    """Download a HellaSwag file: checked, written to a temporary name, then renamed (common.download)."""
     download_file(url, path, size, sha256, hint="connect to the network, or use a local copy of the file "
                                                 "(hellaswag.py --data_file PATH, train_gpt2.py --hellaswag_file PATH)")
 

@@ -7,13 +7,17 @@ Reproduce GPT-2 (124M) from scratch, in one file you can read top to bottom alon
   2. Sampling            top-k sampling with a seeded generator
   3. Data                DataLoaderLite over Tiny Shakespeare or FineWeb-Edu shards
   4. Learning rate       get_lr: linear warmup, then cosine decay
-  5. The training script DDP and device, the settings (rank 0 decides), batch and gradient
-                         accumulation, data, TF32, the model, torch.compile, DDP, bf16, the optimizer,
-                         then the loop: validation, HellaSwag, samples, checkpoints, one optimizer step
+  5. The training script DDP and device, the settings, batch and gradient accumulation, data, TF32, the
+                         model, torch.compile, DDP, bf16, the optimizer, then the loop: validation,
+                         HellaSwag, samples, checkpoints, one optimizer step
 
-What a real run needs beyond the lecture (flag checks and presets, checkpoints and exact resume, Ctrl-C and
-SIGTERM, MFU, the --sample and --export_hf commands, downloads) lives in run_support.py; the opt-in chunked
-loss, a CPU speed-up, in chunked_loss.py. The training script calls them by name.
+What runs is what you read: `python train_gpt2.py` trains with GPT.forward as written here, on every device.
+Where this file differs from the lecture on purpose, a comment that starts with "lecture" and a colon says what
+the lecture did and why; grep for that comment to list every difference.
+
+What a real run needs beyond the lecture lives beside this file, called by name: run_support.py (flag checks
+and presets, rank 0's decisions, exact resume, Ctrl-C and SIGTERM, MFU), model_commands.py (--sample,
+--export_hf), common.py (one-line errors, downloads, the tokenizer) and chunked_loss.py (an opt-in speed-up).
 
 Run it:
   python train_gpt2.py                                    # picks a run for this machine and says why
@@ -22,12 +26,11 @@ Run it:
 Importing this file only defines things: the work happens in main().
 """
 
-import contextlib
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -37,8 +40,11 @@ from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hellaswag
+import model_commands
 import run_support as rs
+from checkpoints import load_hf_gpt2
 from chunked_loss import ChunkedLossGPT
+from common import UserError, find_shards, get_tokenizer, load_shard
 
 # -----------------------------------------------------------------------------
 # 1. The GPT-2 model
@@ -63,17 +69,19 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.n_embd % config.n_head == 0
-        self.n_head = config.n_head
         # one Linear computes query, key and value for all heads at once: C -> 3C
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         # output projection back into the residual stream: C -> C
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.NANOGPT_SCALE_INIT = 1  # it adds to the residual stream: GPT._init_weights draws it smaller
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
 
     def forward(self, x):
         B, T, C = x.size()
         nh, hs = self.n_head, C // self.n_head
         qkv = self.c_attn(x)  # (B, T, C) @ (C, 3C) -> (B, T, 3C)
-        q, k, v = qkv.split(C, dim=2)  # 3 x (B, T, C)
+        q, k, v = qkv.split(self.n_embd, dim=2)  # 3 x (B, T, C)
         q = q.view(B, T, nh, hs).transpose(1, 2)  # (B, T, C) -> (B, T, nh, hs) -> (B, nh, T, hs)
         k = k.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
@@ -95,6 +103,7 @@ class MLP(nn.Module):
         # GPT-2 used the tanh approximation of GELU (faster in TensorFlow at the time); we match it exactly
         self.gelu = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)  # 4C -> C
+        self.c_proj.NANOGPT_SCALE_INIT = 1  # it adds to the residual stream: GPT._init_weights draws it smaller
 
     def forward(self, x):
         return self.c_proj(self.gelu(self.c_fc(x)))  # (B, T, C) -> (B, T, 4C) -> (B, T, C)
@@ -134,33 +143,31 @@ class GPT(nn.Module):
         # Tokens that mean similar things get similar scores, and it saves 38.6M parameters (30% of the model).
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
-        # The residual stream is a sum of 2 * n_layer contributions (one attention and one MLP per block), so
-        # its variance grows with depth. GPT-2 paper, section 2.3: scale the weights of the residual layers by
-        # 1/sqrt(N), N the number of residual layers. Those layers are the two c_proj projections.
-        for name, p in self.named_parameters():
-            if name.endswith("attn.c_proj.weight") or name.endswith("mlp.c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
-        # GPT-2's initialisation, from OpenAI's released model code: weights N(0, 0.02), biases 0,
-        # position embeddings N(0, 0.01). 0.02 is close to 1/sqrt(C) for C = 768..1600.
-        if module is self.lm_head:
-            return  # its weight is wte.weight: initialised once, as an embedding
+        # GPT-2's initialisation, from OpenAI's released model code: weights N(0, 0.02), biases 0. 0.02 is close
+        # to 1/sqrt(C) for C = 768..1600.
         if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            std = 0.02
+            if hasattr(module, "NANOGPT_SCALE_INIT"):
+                # The residual stream is a sum of 2 * n_layer contributions (one attention and one MLP per block),
+                # so its variance grows with depth. GPT-2 paper, section 2.3: scale the weights of the residual
+                # layers by 1/sqrt(N), N the number of residual layers.
+                std *= (2 * self.config.n_layer) ** -0.5
+            nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
+            # lecture: 0.02 for both embeddings; OpenAI's GPT-2 code draws the position embeddings with 0.01
             std = 0.01 if module is self.transformer.wpe else 0.02
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
     def forward(self, idx, targets=None):
         B, T = idx.size()  # idx: token ids (B, T)
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} is longer than the model's block_size {self.config.block_size}")
+        assert T <= self.config.block_size, f"sequence of length {T}, longer than block_size {self.config.block_size}"
         pos = torch.arange(0, T, dtype=torch.long, device=idx.device)  # (T,)
-        tok_emb = self.transformer.wte(idx)  # (B, T, C)
         pos_emb = self.transformer.wpe(pos)  # (T, C)
+        tok_emb = self.transformer.wte(idx)  # (B, T, C)
         x = tok_emb + pos_emb  # (B, T, C) + (T, C) broadcasts to (B, T, C)
         for block in self.transformer.h:
             x = block(x)  # (B, T, C)
@@ -171,23 +178,33 @@ class GPT(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
         return logits, loss
 
-    # the four released GPT-2 models: (n_layer, n_head, n_embd)
-    PRETRAINED_SHAPES = {
-        "gpt2": (12, 12, 768),  # 124M parameters
-        "gpt2-medium": (24, 16, 1024),  # 350M
-        "gpt2-large": (36, 20, 1280),  # 774M
-        "gpt2-xl": (48, 25, 1600),  # 1558M
-    }
-
     @classmethod
-    def from_pretrained(cls, name_or_path):
-        """A GPT with the weights of a Hugging Face GPT-2: one of the four names above (downloaded from the
-        Hugging Face hub), or a local folder holding a transformers GPT-2 checkpoint (its config.json says the shape)."""
-        model_hf = rs.load_hf_gpt2(name_or_path, cls.PRETRAINED_SHAPES)  # transformers' GPT2LMHeadModel
-        hf = model_hf.config
-        model = cls(GPTConfig(block_size=hf.n_positions, vocab_size=hf.vocab_size,
-                              n_layer=hf.n_layer, n_head=hf.n_head, n_embd=hf.n_embd))
-        copy_hf_weights(model_hf, model)
+    def from_pretrained(cls, model_type):
+        """A GPT with the weights of OpenAI's GPT-2 from Hugging Face: model_type is gpt2 (124M: 12 layers, 12
+        heads, 768 wide), gpt2-medium (350M: 24, 16, 1024), gpt2-large (774M: 36, 20, 1280) or gpt2-xl (1558M:
+        48, 25, 1600), downloaded once, or a folder holding a transformers GPT-2 (save_pretrained)."""
+        # lecture: asserts one of the four names and looks their shape up in a table; here the shape comes from
+        # the checkpoint's own config, so a local folder works too, and no network is one line (load_hf_gpt2)
+        model_hf = load_hf_gpt2(model_type)  # transformers' GPT2LMHeadModel
+        c = model_hf.config
+        model = cls(GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                              n_head=c.n_head, n_embd=c.n_embd))
+        sd = model.state_dict()
+        # the causal masks of older transformers versions are buffers, not weights
+        sd_hf = {k: v for k, v in model_hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        # OpenAI's checkpoints store these as "Conv1D" weights, the transpose of an nn.Linear's: (in, out)
+        transposed = ["attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"]
+        # lecture: asserts; here an error that names the first key missing on either side, or of another shape
+        for missing, side in ((set(sd) - set(sd_hf), "no weight"), (set(sd_hf) - set(sd), "a weight GPT has no place for")):
+            if missing:
+                raise KeyError(f"the Hugging Face checkpoint has {side}: '{sorted(missing)[0]}' ({len(missing)} in all)")
+        with torch.no_grad():
+            for k, v in sd_hf.items():
+                if any(k.endswith(w) for w in transposed):
+                    v = v.t()
+                if v.shape != sd[k].shape:
+                    raise ValueError(f"shape mismatch for '{k}': checkpoint {tuple(v.shape)}, model {tuple(sd[k].shape)}")
+                sd[k].copy_(v)  # sd[k] shares its memory with the parameter; lm_head and wte are one tensor
         return model
 
     def configure_optimizers(self, weight_decay, learning_rate, device_type, log=print, fused=None):
@@ -196,41 +213,23 @@ class GPT(nn.Module):
         params = [p for p in self.parameters() if p.requires_grad]  # tied weights appear once
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
+        # lecture: prints if master_process, a global of the script; the caller passes its print0 as log
         log(f"optimizer: weight decay on {len(decay)} tensors, {sum(p.numel() for p in decay):,} parameters; "
             f"none on {len(no_decay)} tensors, {sum(p.numel() for p in no_decay):,} parameters")
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         # Speed-up: the fused CUDA kernel updates all parameters in a few launches instead of a loop over tensors
-        # CPUs keep the for-each loop (docs/benchmarks.md has what the fused kernel measured there).
+        # (lecture: first checks that AdamW has `fused`; every PyTorch since 2.0 has). CPUs keep the for-each loop
+        # (docs/benchmarks.md has what the fused kernel measured there).
         if fused is None:
             fused = device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
 
 
-def copy_hf_weights(model_hf, model):
-    """Copy a transformers GPT2LMHeadModel's weights into our GPT, by name. Buffers of the HF model (such as
-    older versions' causal-mask `attn.bias`) are not weights and are skipped. Any key present on one side only,
-    or with another shape, is an error that names it."""
-    buffers_hf = {name for name, _ in model_hf.named_buffers()}
-    sd_hf = {k: v for k, v in model_hf.state_dict().items() if k not in buffers_hf}
-    sd = model.state_dict()
-    missing, unexpected = sorted(set(sd) - set(sd_hf)), sorted(set(sd_hf) - set(sd))
-    if missing:
-        raise KeyError(f"the Hugging Face checkpoint has no weight for '{missing[0]}' ({len(missing)} missing)")
-    if unexpected:
-        raise KeyError(f"the Hugging Face checkpoint has a weight '{unexpected[0]}' that GPT does not "
-                       f"({len(unexpected)} unexpected)")
-    with torch.no_grad():
-        for k, v in sd_hf.items():
-            # OpenAI's checkpoints (and so Hugging Face's) store attention and MLP weights as Conv1D layers, whose
-            # weight is the transpose of an nn.Linear's: (in, out) instead of (out, in)
-            src = v.t() if k.endswith(rs.CONV1D_WEIGHTS) else v
-            if src.shape != sd[k].shape:
-                raise ValueError(f"shape mismatch for '{k}': checkpoint {tuple(src.shape)}, model {tuple(sd[k].shape)}")
-            sd[k].copy_(src)  # sd[k] shares storage with the parameter; lm_head and wte are one tensor
-
-
 # -----------------------------------------------------------------------------
 # 2. Sampling
+#
+# lecture: writes this loop inline twice, after loading GPT-2 and in the training loop; one function serves both
+# and the --sample command.
 
 
 @torch.no_grad()
@@ -259,7 +258,7 @@ def sample(model, prompt, num_return_sequences=4, max_length=32, top_k=50, seed=
     Returns the token lists, and their decoded texts when the prompt was text (or enc is given)."""
     device = device or next(model.parameters()).device
     if isinstance(prompt, str):
-        enc = enc or rs.get_tokenizer()
+        enc = enc or get_tokenizer()
         prompt = enc.encode(prompt)
     tokens = torch.tensor(prompt, dtype=torch.long, device=device)
     idx = tokens.unsqueeze(0).repeat(num_return_sequences, 1)  # (num_return_sequences, len(prompt))
@@ -284,7 +283,7 @@ def load_text_tokens(path, split):
     """Tokenize a text file with GPT-2's tokenizer; the first 90% of its tokens train, the last 10% validate."""
     with open(path, "r", encoding="utf-8") as f:
         text = f.read()
-    tokens = np.array(rs.get_tokenizer().encode_ordinary(text), dtype=np.uint16)  # GPT-2 ids < 65536 fit uint16
+    tokens = np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)  # GPT-2 ids < 65536 fit uint16
     n_train = int(0.9 * len(tokens))
     return tokens[:n_train] if split == "train" else tokens[n_train:]
 
@@ -296,6 +295,9 @@ class DataLoaderLite:
     ends it starts again; from the second pass on, the shard order is a permutation drawn from `seed` and the
     pass number, so that a multi-epoch loss curve does not repeat itself. The whole position in the data is
     one integer, `chunk`, which makes resuming exact."""
+    # lecture: reads edu_fineweb10B's shards in name order on every pass, drops the tokens at the end of each
+    # shard that do not fill a chunk, and keeps its place as (shard, position): here a text file works too, no
+    # token is dropped, later passes reshuffle the shards, and one integer is the whole position
 
     def __init__(self, source, B, T, process_rank=0, num_processes=1, split="train", seed=1337, pin_memory=False):
         assert split in ("train", "val")
@@ -303,13 +305,13 @@ class DataLoaderLite:
         self.process_rank, self.num_processes = process_rank, num_processes
         self.seed, self.pin_memory = seed, pin_memory
         if os.path.isdir(source):
-            self.shards = [rs.load_shard(p) for p in rs.find_shards(source, split)]  # memory maps: read lazily
+            self.shards = [load_shard(p) for p in find_shards(source, split)]  # memory maps: read lazily
         else:
             self.shards = [load_text_tokens(source, split)]
         self.lengths = [len(s) for s in self.shards]
         self.total = sum(self.lengths)  # tokens in one pass over the split
         if self.total < B * T + 1:
-            raise rs.UserError(f"the {split} data ({self.total:,} tokens in {source}) is smaller than one "
+            raise UserError(f"the {split} data ({self.total:,} tokens in {source}) is smaller than one "
                                f"micro-batch of B*T+1 = {B * T + 1:,} tokens; lower --batch_size or --seq_len")
         self._order_cache = {}
         self.reset()
@@ -366,6 +368,7 @@ class DataLoaderLite:
 def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
     """Linear warmup for warmup_steps, then a cosine decay down to min_lr at max_steps, then min_lr
     (GPT-3 paper, appendix B: warmup, then cosine decay to 10% of the peak)."""
+    # lecture: get_lr(it) reads max_lr, min_lr, warmup_steps and max_steps as globals; here they are arguments
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps  # step 0 already gets a small nonzero lr
     if step >= max_steps:
@@ -380,17 +383,22 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
 
 # The lecture's run: GPT-2 124M trained like GPT-3 small (GPT-3 paper, table 2.1 and appendix B) on one pass over
 # FineWeb-Edu's 10B-token sample. `python train_gpt2.py` runs it on a GPU when edu_fineweb10B/ holds shards;
-# other machines or data get a smaller run (run_support.PRESETS), and a flag overrides any value.
+# other machines or data get a smaller run (run_support.PRESETS), and a flag of the same name overrides any value.
+# lecture: these are plain variables of the script; here flags can change them
 GPT2_124M_FINEWEB = dict(
     n_layer=12, n_head=12, n_embd=768,  # GPT-2 124M
+    block_size=1024,  # GPT-2's context length
     # 50257 padded to 50304 = 128 * 393: a "nice" number (many powers of 2) makes the output layer's matmuls
     # faster on GPUs (CUDA kernels work in tiles of powers of 2); the extra rows learn to be never used
     vocab_size=50304,
     total_batch_size=2**19,  # 524,288 tokens per step, ~0.5M: GPT-3 small's batch size
     batch_size=64, seq_len=1024,  # micro-batch per GPU: what fits in 80 GB; gradient accumulation does the rest
     max_lr=6e-4,  # GPT-3 small's learning rate
+    min_lr=6e-5,  # GPT-3 decays the learning rate to 10% of its peak
     warmup_steps=715,  # GPT-3 warms up over 375M tokens: 375e6 / 2**19 = 715 steps
     max_steps=19073,  # 10e9 tokens / 2**19 tokens per step: one pass over the 10B sample
+    weight_decay=0.1,  # GPT-3's AdamW weight decay
+    grad_clip=1.0,  # GPT-3 clips the global gradient norm at 1.0
     eval_every=250, hellaswag_every=250, sample_every=250, checkpoint_every=5000,
     val_tokens=20 * 64 * 1024 * 8,  # the lecture's validation: 20 micro-batches of 64 x 1024 on 8 GPUs
 )
@@ -405,10 +413,11 @@ def train(args):
     ddp_world_size = int(os.environ.get("WORLD_SIZE", 1))
     master_process = ddp_rank == 0  # rank 0 prints, logs and writes checkpoints
 
-    def print0(*args):
+    def print0(*args):  # lecture: `if master_process: print(...)` at each print
         if master_process:
             print(*args, flush=True)  # flushed: a log file or a pipe gets each line as it happens
 
+    # lecture: CUDA, else MPS, else the CPU, and DDP only with CUDA; here --device chooses, and DDP runs on CPUs
     device_type, reasons = rs.pick_device(args.device, ddp)  # "cuda", "mps" or "cpu"
     device = f"cuda:{ddp_local_rank}" if device_type == "cuda" else device_type
     if ddp:
@@ -417,12 +426,12 @@ def train(args):
         # NCCL talks GPU to GPU (NVLink, InfiniBand); gloo runs on CPUs, so 2 processes also work on a laptop
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
         reasons.append(f"ddp: {ddp_world_size} processes, backend {dist.get_backend()}")
-    # bf16 autocast where the GPU has bf16 (Ampere and newer), fp32 elsewhere (run_support.pick_dtype says why)
+    # lecture: bf16 autocast everywhere; here bf16 where the GPU has it, fp32 elsewhere (rs.pick_dtype says why)
     dtype = rs.pick_dtype(device_type, reasons)
 
-    # Rank 0 decides what to run (data, preset, checkpoint to resume) and every process follows; a node that
-    # lacks a file rank 0 chose stops the whole job with one line naming it.
-    s, checkpoint = rs.resolve_settings(args, GPT2_124M_FINEWEB, device_type, ddp_rank, ddp_world_size, reasons)
+    # lecture: every process runs with the values written in the script; here rank 0 fills the flags left
+    # unset (a preset for this machine and data, the checkpoint to resume) and every process follows it
+    s, resume_path = rs.decide_settings(args, GPT2_124M_FINEWEB, device_type, ddp_world_size, reasons)
     torch.manual_seed(s.seed)  # the same initial weights on every process
     if device_type == "cuda":
         torch.cuda.manual_seed(s.seed)
@@ -430,17 +439,17 @@ def train(args):
     # --- the batch: 2**19 tokens per optimizer step in the lecture, far more than fits in a GPU at once ---
     total_batch_size = s.total_batch_size
     B, T = s.batch_size, s.seq_len  # micro-batch per process
-    assert total_batch_size % (B * T * ddp_world_size) == 0  # checked (and B shrunk if needed) in resolve_settings
+    assert total_batch_size % (B * T * ddp_world_size) == 0  # checked (and B shrunk if needed) in decide_settings
     # gradient accumulation: each process adds up the gradients of grad_accum_steps micro-batches per step
     grad_accum_steps = total_batch_size // (B * T * ddp_world_size)
 
-    def load_data():  # on every node: a node that cannot read its data stops the whole job (run_support)
-        rs.get_tokenizer()  # now, not first in the middle of the run (sampling, HellaSwag)
+    def load_data():  # on every node: a node that cannot read the data or the checkpoint stops the whole job
+        get_tokenizer()  # lecture: tiktoken.get_encoding("gpt2"); here from the committed files, no network
         return (DataLoaderLite(s.data, B, T, ddp_rank, ddp_world_size, "train", s.seed, pin_memory=device_type == "cuda"),
                 DataLoaderLite(s.data, B, T, ddp_rank, ddp_world_size, "val", s.seed),
-                rs.hellaswag_examples(s, hellaswag.load_examples))
+                rs.load_hellaswag_examples(s), rs.load_resume_checkpoint(s, resume_path))
 
-    train_loader, val_loader, hella_examples = rs.on_every_node(load_data)
+    train_loader, val_loader, hella_examples, checkpoint = rs.on_every_node(load_data)
     # micro-batches per validation: --val_tokens of them, at most the whole val split, at least one
     val_chunks = max(1, min(s.val_tokens // (B * T), (val_loader.total - 1) // (B * T)))
     for line in reasons:
@@ -455,32 +464,36 @@ def train(args):
 
     # Speed-up (TF32): fp32 matmuls may use the tensor cores' TF32 (10-bit mantissa; 8x the fp32 peak on the
     # A100 datasheet). Whatever bf16 autocast leaves in fp32 gets faster too.
-    if device_type == "cuda":
+    if device_type == "cuda":  # lecture: on every device; some CPUs would then round fp32 matmuls too
         torch.set_float32_matmul_precision("high")
 
     # --- the model ---
     if s.init_from == "scratch":
         model = GPT(GPTConfig(block_size=s.block_size, vocab_size=s.vocab_size, n_layer=s.n_layer,
                               n_head=s.n_head, n_embd=s.n_embd))
-    else:  # fine-tune OpenAI's (or any Hugging Face) GPT-2; each node's local rank 0 downloads it first
+    else:  # lecture: always from scratch; --init_from fine-tunes OpenAI's GPT-2 (each node's local rank 0 first)
         model = rs.on_every_node(lambda: GPT.from_pretrained(s.init_from))
     rs.load_weights(model, checkpoint)  # when resuming: before the DDP wrap, so every process starts the same
     model.to(device)
-    raw_model = model  # the plain module: sampling, evaluation and state_dict use it (no wrappers, no prefixes)
+    # lecture: raw_model = model.module after the DDP wrap, the compiled model; here the plain module, before
+    # compile and DDP: sampling, evaluation and state_dict use it (no recompiles, no key prefixes)
+    raw_model = model
     print0(f"model: {raw_model.config} with {sum(p.numel() for p in raw_model.parameters()):,} parameters")
     if s.chunked_loss:
-        model = ChunkedLossGPT(model)  # opt-in speed-up where it was measured faster (see chunked_loss.py)
+        model = ChunkedLossGPT(model)  # opt-in speed-up: the same loss without the (B*T, V) logits (chunked_loss.py)
     if s.compile:
         # Speed-up: torch.compile fuses the elementwise work (GELU, LayerNorm, residual adds) into few kernels and
         # cuts Python overhead, for a compilation during the first step (2-core CPU, bf16: 1020 -> 633 ms per step,
         # docs/benchmarks.md; `python bench.py --ladder` measures it on a GPU).
+        # lecture: off (use_compile = False), as it broke HellaSwag and sampling; those use raw_model here
         model = torch.compile(model)
     if ddp:
         # DDP all-reduces (averages) the gradients across processes during backward
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
     # Speed-up (bf16): autocast runs matmuls in bfloat16 on the tensor cores (twice TF32's datasheet peak), while
     # weights, optimizer state and the reductions that need range (softmax, LayerNorm, loss) stay in fp32.
-    autocast = torch.autocast(device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    def autocast():  # lecture: `with torch.autocast(device_type=device_type, dtype=torch.bfloat16)` at each use
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     # --- the optimizer, and what a resumed run continues from ---
     optimizer = raw_model.configure_optimizers(weight_decay=s.weight_decay, learning_rate=s.max_lr,
@@ -490,40 +503,46 @@ def train(args):
     del checkpoint  # its weights and optimizer state are in the model and optimizer now: free the copy
     if resumed:
         print0(f"resumed from step {start_step}")
-    run_log = rs.RunLog(s, master_process, resumed=resumed,
-                        config={"why": reasons, "world_size": ddp_world_size, "device": device, "dtype": dtype,
-                                "grad_accum_steps": grad_accum_steps})
+    # lecture: makes log/ and empties log/log.txt; here log.txt, config.json and the checkpoints of --log_dir
+    run_folder = rs.RunFolder(s, master_process, resumed=resumed,
+                              config={"why": reasons, "world_size": ddp_world_size, "device": device, "dtype": dtype,
+                                      "grad_accum_steps": grad_accum_steps})
     peak_flops = rs.gpu_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None  # MFU
     flops_per_step = rs.flops_per_token(raw_model.config, T) * total_batch_size
 
     # --- the loop: at each step, first the evaluations of the model as it is after `step` optimizer steps, then
-    # one optimizer step. One iteration more than optimizer steps: the last one (step == max_steps) only evaluates
-    # and saves the final model. A resumed run's first step was evaluated before its checkpoint was saved. ---
+    # one optimizer step. ---
+    # lecture: range(max_steps), evaluating before the update of the last step: the final model went unevaluated.
+    # Here one iteration more than steps: the last one (step == max_steps) only evaluates and saves the final model.
+    # A resumed run's first step was evaluated before its checkpoint was saved.
     t_start = time.time()
-    stop = rs.StopRequest()  # Ctrl-C or SIGTERM: finish the step, save, exit
+    stop = rs.StopRequest()  # lecture: none; Ctrl-C or SIGTERM here finishes the step, saves, exits
     for step in range(start_step, s.max_steps + 1):
         last_step = step == s.max_steps
         evaluate_now = step > start_step or not resumed
 
-        # validation loss, on the same chunks whatever the number of processes (process r takes r, r+W, ...)
+        # validation loss
         if evaluate_now and s.eval_every > 0 and (step % s.eval_every == 0 or last_step):
             raw_model.eval()
             val_loader.reset()
             val_loss_accum = torch.zeros((), device=device)
             with torch.no_grad():
+                # lecture: 20 micro-batches on each process, averaged across processes; here --val_tokens in all,
+                # shared out (process r takes chunks r, r+W, ...): the same tokens whatever the number of processes
                 while val_loader.chunk < val_chunks:  # this process's chunks among the first val_chunks
                     x, y = val_loader.next_batch()
                     x, y = x.to(device), y.to(device)
-                    with autocast:
+                    with autocast():
                         logits, loss = raw_model(x, y)
                     val_loss_accum += loss.float() / val_chunks
             if ddp:
-                dist.all_reduce(val_loss_accum)  # the processes' shares add up to the mean (gloo has no AVG)
+                dist.all_reduce(val_loss_accum)  # lecture: op=AVG; here the processes' shares add up to the mean
             val_loss = val_loss_accum.item()
             print0(f"validation loss: {val_loss:.4f}")
-            run_log.line(f"{step} val {val_loss:.6f}")  # 6 decimals like the train lines: tests compare runs at 1e-5
+            run_folder.log(f"{step} val {val_loss:.6f}")  # lecture: 4 decimals; 6 let tests compare runs at 1e-5
 
         # HellaSwag acc_norm: process r scores examples r, r+W, ... and the counts are summed (exact under DDP)
+        # lecture: one example per forward pass, and only uncompiled; here batches, with the uncompiled raw_model
         if evaluate_now and hella_examples and (step % s.hellaswag_every == 0 or last_step):
             _, num_correct_norm, num_total = hellaswag.evaluate(
                 raw_model, hella_examples[ddp_rank::ddp_world_size], device, batch_size=s.hellaswag_batch_size,
@@ -533,19 +552,31 @@ def train(args):
                 dist.all_reduce(counts)
             acc_norm = counts[0].item() / counts[1].item()
             print0(f"HellaSwag accuracy: {acc_norm:.4f}")
-            run_log.line(f"{step} hella {acc_norm:.4f}")
+            run_folder.log(f"{step} hella {acc_norm:.4f}")
 
-        # samples from the model as it is now (rank 0 only; a seeded generator of its own)
+        # samples from the model as it is now; lecture: on every process, each with its own seed 42 + rank
         if evaluate_now and master_process and s.sample_every > 0 and ((step > 0 and step % s.sample_every == 0) or last_step):
             _, texts = sample(raw_model, "Hello, I'm a language model,", num_return_sequences=4, max_length=32,
                               seed=42, device=device)
             for i, text in enumerate(texts):
                 print0(f"sample {i}: {text}")
 
+        # checkpoints: the lecture's four entries, then what resuming exactly needs
         if stop.agreed:
             print0(f"stopping at step {step} ({stop.name}): saving a checkpoint to resume from")
         if step > start_step and (stop.agreed or s.checkpoint_every > 0 and (step % s.checkpoint_every == 0 or last_step)):
-            run_log.save_checkpoint(step, raw_model, optimizer, train_loader, val_loss, device_type, device)
+            # lecture: saved inside the validation block; the config as the dataclass itself (weights_only=True
+            # refuses to load classes, so a plain dict here); no optimizer, data position or random state
+            run_folder.save_checkpoint(step, {
+                "model": raw_model.state_dict(),
+                "config": asdict(raw_model.config),
+                "step": step,  # the number of optimizer steps done: a resumed run continues with this step
+                "val_loss": val_loss,
+                "optimizer": optimizer.state_dict(),  # AdamW's moments and step counts
+                "loader": train_loader.state_dict(),  # where in the data the next step starts
+                "rng": rs.rng_state(device_type, device),
+                "settings": rs.math_settings(s),  # a resumed run must do the same math
+            })
         if last_step:
             break
         if stop.agreed:
@@ -555,23 +586,24 @@ def train(args):
         model.train()
         if device_type == "cuda":
             torch.cuda.synchronize()  # GPU work is queued asynchronously: wait for it before reading the clock
-        t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss_accum = torch.zeros((), device=device)
+        t0 = time.perf_counter()  # lecture: time.time() at the top of the iteration, evaluations included
+        optimizer.zero_grad()
+        loss_accum = 0.0
         for micro_step in range(grad_accum_steps):
             x, y = train_loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             if ddp:
                 # gradients are all-reduced in the last micro-step's backward only; the others add up locally
                 model.require_backward_grad_sync = micro_step == grad_accum_steps - 1
-            with autocast:
+            with autocast():
                 logits, loss = model(x, y)
             # The loss is a mean over the micro-batch, and gradients add up over micro-steps: divide by the number
             # of micro-steps, so that the sum of the gradients is the gradient of the mean over the whole batch.
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()
             loss.backward()
-        # the batch's loss (the processes' sum, divided below) and whether any process was asked to stop
+        # lecture: all_reduce(loss_accum, op=AVG); here one all-reduce carries the loss (summed, divided below)
+        # and whether any process was asked to stop, so that all of them stop at the same step
         loss_and_stop = torch.stack([loss_accum, stop.flag(device)])
         if ddp:
             dist.all_reduce(loss_and_stop)
@@ -581,24 +613,25 @@ def train(args):
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
         optimizer.step()
-        # one read-back from the device per step, after all the step's work was queued
+        # lecture: torch.cuda.synchronize(), then .item() twice; here one read-back from the device, after all
+        # the step's work was queued
         loss_sum, stop_votes, norm = torch.cat([loss_and_stop, norm[None]]).tolist()
         dt = time.perf_counter() - t0
         loss = loss_sum / ddp_world_size
-        if not math.isfinite(loss) or not math.isfinite(norm):  # NaN weights must never reach a checkpoint
+        if not math.isfinite(loss) or not math.isfinite(norm):  # lecture: none; NaN weights must never be saved
             what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
             raise rs.TrainingDiverged(f"step {step}: {what}; stopping, the last good checkpoint is kept")
         stop.vote(stop_votes)
         mfu = rs.format_mfu(flops_per_step / dt / ddp_world_size, peak_flops)  # per GPU, against its peak
-        print0(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.2f}ms | "
-               f"tok/sec {total_batch_size / dt:.0f} | mfu {mfu}")
-        run_log.line(f"{step} train {loss:.6f}")
+        print0(f"step {step:5d} | loss: {loss:.6f} | lr {lr:.4e} | norm: {norm:.4f} | dt: {dt * 1000:.2f}ms | "
+               f"tok/sec: {total_batch_size / dt:.2f} | mfu: {mfu}")  # lecture: no MFU
+        run_folder.log(f"{step} train {loss:.6f}")
 
     peak_memory = torch.cuda.max_memory_allocated(device) if device_type == "cuda" else None
     print0(f"done: {s.max_steps - start_step} steps in {time.time() - t_start:.1f}s"
            + (f", final validation loss {val_loss:.4f}" if val_loss is not None else "")
            + (f", peak GPU memory {peak_memory / 2**30:.2f} GiB" if peak_memory is not None else ""))
-    return 0
+    return 0  # lecture: destroy_process_group() here; run_support.run_to_exit_status does it on every exit
 
 
 def main(argv=None):
@@ -606,8 +639,8 @@ def main(argv=None):
     'error: ...' on stderr and exit status 2; a diverged run exits with 1."""
     args = rs.build_parser(GPT2_124M_FINEWEB).parse_args(argv)
     if args.sample is not None or args.export_hf is not None:
-        return rs.run_model_command(args, GPT, GPTConfig, sample)
-    return rs.run_training(train, args)
+        return model_commands.run(args, GPT, GPTConfig, sample)
+    return rs.run_to_exit_status(train, args)
 
 
 if __name__ == "__main__":

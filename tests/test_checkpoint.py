@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from common import UserError
 from conftest import ROOT
-import run_support
+import checkpoints
+import model_commands
 import train_gpt2
 from test_train import TINY, run_torchrun, write_shards
 
@@ -78,7 +80,7 @@ def test_keep_checkpoints(tmp_path, shakespeare):
 
 def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "model_00001.pt"
-    run_support.save_checkpoint(str(path), {"format": run_support.CHECKPOINT_FORMAT, "step": 1})
+    checkpoints.save_checkpoint(str(path), {"format": checkpoints.CHECKPOINT_FORMAT, "step": 1})
     real_save = torch.save
 
     def dying_save(obj, f):
@@ -89,13 +91,13 @@ def test_a_save_killed_midway_leaves_the_previous_checkpoint(tmp_path, monkeypat
 
     monkeypatch.setattr(torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        run_support.save_checkpoint(str(tmp_path / "model_00002.pt"), {"format": run_support.CHECKPOINT_FORMAT,
+        checkpoints.save_checkpoint(str(tmp_path / "model_00002.pt"), {"format": checkpoints.CHECKPOINT_FORMAT,
                                                                       "step": 2, "w": torch.zeros(1000)})
     assert not (tmp_path / "model_00002.pt").exists()  # no partial file under a final name
-    assert run_support.list_checkpoints(str(tmp_path)) == [str(path)]
-    assert run_support.load_checkpoint(str(path))["step"] == 1
-    with pytest.raises(run_support.UserError, match="not a loadable checkpoint"):
-        run_support.load_checkpoint(str(tmp_path / "model_00002.pt.tmp"))  # the partial file is refused
+    assert checkpoints.list_checkpoints(str(tmp_path)) == [str(path)]
+    assert checkpoints.load_checkpoint(str(path))["step"] == 1
+    with pytest.raises(UserError, match="not a loadable checkpoint"):
+        checkpoints.load_checkpoint(str(tmp_path / "model_00002.pt.tmp"))  # the partial file is refused
 
 
 def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, shakespeare):
@@ -112,9 +114,9 @@ def test_sigterm_saves_a_checkpoint_that_resumes_exactly(tmp_path, shakespeare):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopping at step" in out and "SIGTERM" in out
-    ckpts = run_support.list_checkpoints(str(tmp_path / "stopped"))
+    ckpts = checkpoints.list_checkpoints(str(tmp_path / "stopped"))
     assert len(ckpts) == 1
-    step = run_support.load_checkpoint(ckpts[0])["step"]
+    step = checkpoints.load_checkpoint(ckpts[0])["step"]
     assert 4 <= step < 40
     resumed = subprocess.run(cmd + ["--resume", "auto"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -129,11 +131,11 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path):
             return (os.system, (f"touch {marker}",))
 
     path = tmp_path / "evil.pt"
-    torch.save({"format": run_support.CHECKPOINT_FORMAT, "model": Evil()}, path)
-    with pytest.raises(run_support.UserError, match="not a loadable checkpoint"):
-        run_support.load_checkpoint(str(path))
-    with pytest.raises(run_support.UserError):
-        run_support.load_model(str(path), train_gpt2.GPT, train_gpt2.GPTConfig)
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "model": Evil()}, path)
+    with pytest.raises(UserError, match="not a loadable checkpoint"):
+        checkpoints.load_checkpoint(str(path))
+    with pytest.raises(UserError):
+        model_commands.load_model(str(path), train_gpt2.GPT, train_gpt2.GPTConfig)
     assert not marker.exists()
 
 
@@ -141,12 +143,12 @@ def test_checkpoint_of_another_shape_or_format_is_refused(tmp_path):
     model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=16, vocab_size=100))
     sd = model.state_dict()
     config = {"block_size": 32, "vocab_size": 100, "n_layer": 1, "n_head": 2, "n_embd": 32}  # lies about the width
-    torch.save({"format": run_support.CHECKPOINT_FORMAT, "model": sd, "config": config}, tmp_path / "a.pt")
-    with pytest.raises(run_support.UserError, match="do not fit"):
-        run_support.load_model(str(tmp_path / "a.pt"), train_gpt2.GPT, train_gpt2.GPTConfig)
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "model": sd, "config": config}, tmp_path / "a.pt")
+    with pytest.raises(UserError, match="do not fit"):
+        model_commands.load_model(str(tmp_path / "a.pt"), train_gpt2.GPT, train_gpt2.GPTConfig)
     torch.save({"weights": sd}, tmp_path / "b.pt")
-    with pytest.raises(run_support.UserError, match="not a checkpoint written by train_gpt2.py"):
-        run_support.load_model(str(tmp_path / "b.pt"), train_gpt2.GPT, train_gpt2.GPTConfig)
+    with pytest.raises(UserError, match="not a checkpoint written by train_gpt2.py"):
+        model_commands.load_model(str(tmp_path / "b.pt"), train_gpt2.GPT, train_gpt2.GPTConfig)
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, shakespeare, monkeypatch, capsys):
@@ -167,9 +169,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, sha
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: step 4: the loss is nan")
-    assert [os.path.basename(p) for p in run_support.list_checkpoints(str(tmp_path))] == ["model_00002.pt",
+    assert [os.path.basename(p) for p in checkpoints.list_checkpoints(str(tmp_path))] == ["model_00002.pt",
                                                                                          "model_00004.pt"]
-    ckpt = run_support.load_checkpoint(str(tmp_path / "model_00004.pt"))
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / "model_00004.pt"))
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
     assert [l.split()[0] for l in log_lines(tmp_path)] == ["0", "1", "2", "3"]
 
@@ -258,9 +260,9 @@ def test_resume_with_other_math_is_refused(tmp_path, shakespeare, existing_run, 
 
 def test_checkpoints_are_ordered_by_step_not_by_name(tmp_path):
     for step in (99_999, 100_000, 5):
-        run_support.save_checkpoint(run_support.checkpoint_path(str(tmp_path), step),
-                                    {"format": run_support.CHECKPOINT_FORMAT, "step": step})
-    assert [os.path.basename(p) for p in run_support.list_checkpoints(str(tmp_path))] == [
+        checkpoints.save_checkpoint(checkpoints.checkpoint_path(str(tmp_path), step),
+                                    {"format": checkpoints.CHECKPOINT_FORMAT, "step": step})
+    assert [os.path.basename(p) for p in checkpoints.list_checkpoints(str(tmp_path))] == [
         "model_00005.pt", "model_99999.pt", "model_100000.pt"]  # --resume auto takes the last one
 
 
@@ -278,7 +280,7 @@ def test_a_gradient_norm_that_is_not_finite_stops_the_run(tmp_path, shakespeare,
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: step 3: the gradient norm is inf"), err
-    assert [os.path.basename(p) for p in run_support.list_checkpoints(str(tmp_path))] == ["model_00002.pt"]
+    assert [os.path.basename(p) for p in checkpoints.list_checkpoints(str(tmp_path))] == ["model_00002.pt"]
 
 
 def test_a_tiny_val_tokens_still_validates_one_micro_batch(tmp_path, shakespeare):
@@ -301,7 +303,7 @@ def test_fine_tuning_records_the_pretrained_shape(tmp_path, shakespeare, hf_mode
     settings = json.load(open(tmp_path / "ft" / "config.json"))["settings"]
     assert (settings["n_layer"], settings["n_head"], settings["n_embd"], settings["vocab_size"],
             settings["block_size"]) == (2, 2, 64, 50257, 128)
-    ckpt = run_support.load_checkpoint(str(tmp_path / "ft" / "model_00001.pt"))
+    ckpt = checkpoints.load_checkpoint(str(tmp_path / "ft" / "model_00001.pt"))
     assert ckpt["config"] == {"block_size": 128, "vocab_size": 50257, "n_layer": 2, "n_head": 2, "n_embd": 64}
     capsys.readouterr()
     # a shape flag that disagrees with the pretrained model is a user error

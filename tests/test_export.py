@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-import run_support
+import checkpoints
 import train_gpt2
 from train_gpt2 import GPT, GPTConfig
 
@@ -18,7 +18,7 @@ def checkpoint(tmp_path):
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
     path = str(tmp_path / "model_00010.pt")
-    run_support.save_checkpoint(path, {"format": run_support.CHECKPOINT_FORMAT, "step": 10,
+    checkpoints.save_checkpoint(path, {"step": 10,
                                       "model": model.state_dict(), "config": {"block_size": 64, "vocab_size": 50304,
                                                                               "n_layer": 2, "n_head": 2, "n_embd": 32}})
     return path, model.eval()

@@ -24,7 +24,7 @@ if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")) and "TIKTOKEN_CACHE_DIR
 ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **os.environ}
 sys.path.insert(0, REPO_ROOT)
 import fineweb  # noqa: E402  (importing it must start nothing: test_import_and_default_out checks that)
-from run_support import UserError  # noqa: E402
+from common import UserError  # noqa: E402
 
 EOT = 50256
 SYNTHETIC = [
@@ -294,7 +294,7 @@ def test_import_and_default_out(tmp_path):
 
 
 def test_importing_fineweb_leaves_train_gpt2_out():
-    """Imports flow one way: fineweb.py -> run_support.py, never to the training script."""
+    """Imports flow one way: fineweb.py -> common.py, never to the training script."""
     code = "import sys; sys.path.insert(0, sys.argv[1]); import fineweb; print('train_gpt2' in sys.modules)"
     r = ok(subprocess.run([sys.executable, "-c", code, REPO_ROOT], capture_output=True, text=True, timeout=120))
     assert r.stdout.split() == ["False"]

@@ -39,7 +39,7 @@ def test_the_main_job_runs_offline_from_a_fresh_clone(clone):
     out = run_main(clone, "--max_steps", "3", "--eval_every", "3")
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"data: {clone}/input.txt" in out.stdout and "preset: small" in out.stdout
-    assert "step     2 | loss" in out.stdout and "validation loss:" in out.stdout
+    assert "step     2 | loss: " in out.stdout and "validation loss:" in out.stdout
     assert "sample 0: Hello, I'm a language model," in out.stdout
 
 

@@ -74,8 +74,8 @@ def test_mistakes_are_one_line_errors(args, message):
 
 def step_line(step, loss, mfu="41.2%", ms=349.82, norm=1.3898):
     """A step line in train_gpt2.py's format."""
-    return (f"step {step:5d} | loss {loss:.6f} | lr 1.7546e-03 | norm {norm:.4f} | dt {ms:.2f}ms | tok/sec 2927 | "
-            f"mfu {mfu}")
+    return (f"step {step:5d} | loss: {loss:.6f} | lr 1.7546e-03 | norm: {norm:.4f} | dt: {ms:.2f}ms | "
+            f"tok/sec: 2927.00 | mfu: {mfu}")
 
 
 def learning_run(last_loss=6.05, mfu="41.2%", steps=50):

@@ -24,7 +24,8 @@ import torch  # noqa: E402
 from torch.nn import functional as F  # noqa: E402
 
 import hellaswag  # noqa: E402
-import run_support  # noqa: E402
+import checkpoints  # noqa: E402
+import common  # noqa: E402
 import train_gpt2  # noqa: E402
 
 
@@ -34,7 +35,7 @@ import train_gpt2  # noqa: E402
 
 @pytest.fixture(scope="module")
 def enc():
-    return run_support.get_tokenizer()
+    return common.get_tokenizer()
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +201,7 @@ def test_cli_scores_a_checkpoint_of_ours_like_the_transformers_folder(tiny_hf, v
     folder, model_hf = tiny_hf
     model = train_gpt2.GPT.from_pretrained(folder)
     path = str(tmp_path / "model.pt")  # what train_gpt2.py would write, less the optimizer and data state
-    torch.save({"format": run_support.CHECKPOINT_FORMAT, "model": model.state_dict(),
+    torch.save({"format": checkpoints.CHECKPOINT_FORMAT, "model": model.state_dict(),
                 "config": dataclasses.asdict(model.config), "step": 0}, path)
     # both are the same transformers model with the same weights, run the same way: bit for bit on any CPU
     num_correct, num_correct_norm, n = hellaswag.evaluate(model_hf, val_examples[:8], "cpu")
@@ -287,12 +288,13 @@ def test_cli_help_names_the_precision():
     assert "--bf16" in text and "TF32" in text and "0.2955" in text
 
 
-def test_importing_hellaswag_leaves_train_gpt2_out():
-    """Imports flow one way: train_gpt2.py -> hellaswag.py -> run_support.py."""
-    code = "import sys, hellaswag; print(sorted(m for m in sys.modules if m in ('train_gpt2', 'run_support')))"
+def test_importing_hellaswag_leaves_the_training_code_out():
+    """Imports flow one way: train_gpt2.py -> run_support.py -> hellaswag.py -> checkpoints.py -> common.py."""
+    project = ('train_gpt2', 'run_support', 'model_commands', 'chunked_loss', 'checkpoints', 'common')
+    code = f"import sys, hellaswag; print(sorted(m for m in sys.modules if m in {project}))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["['run_support']"]
+    assert result.stdout.split() == ["['checkpoints',", "'common']"]
 
 
 # -----------------------------------------------------------------------------
@@ -303,11 +305,11 @@ def test_verify_file(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_bytes(b"hello\n")
     good = hashlib.sha256(b"hello\n").hexdigest()
-    run_support.verify_file(str(path), 6, good)
-    with pytest.raises(run_support.UserError, match="sha256"):
-        run_support.verify_file(str(path), 6, "0" * 64)
-    with pytest.raises(run_support.UserError, match="bytes"):
-        run_support.verify_file(str(path), 7, good)
+    common.verify_file(str(path), 6, good)
+    with pytest.raises(common.UserError, match="sha256"):
+        common.verify_file(str(path), 6, "0" * 64)
+    with pytest.raises(common.UserError, match="bytes"):
+        common.verify_file(str(path), 7, good)
 
 
 class FakeResponse(io.BytesIO):
@@ -335,7 +337,7 @@ def test_download_writes_a_temporary_file_then_renames_it(tmp_path, monkeypatch)
     assert open(path, "rb").read() == data and os.listdir(tmp_path) == ["hellaswag_train.jsonl"]
     # a download whose hash is wrong is deleted, and nothing appears at the final path
     os.remove(path)
-    with pytest.raises(run_support.UserError, match="sha256"):
+    with pytest.raises(common.UserError, match="sha256"):
         hellaswag.download("https://example.com/x", path, len(data), "0" * 64)
     assert os.listdir(tmp_path) == []
     # load_examples downloads into DATA_DIR from the rowanz/hellaswag URL, and checks the val file
@@ -343,7 +345,7 @@ def test_download_writes_a_temporary_file_then_renames_it(tmp_path, monkeypatch)
     assert hellaswag.load_examples("train")[0]["label"] == 1
     assert urls[-1] == "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_train.jsonl"
     path = str(tmp_path / "hellaswag_val.jsonl")
-    with pytest.raises(run_support.UserError, match="12,246,618"):
+    with pytest.raises(common.UserError, match="12,246,618"):
         hellaswag.load_examples("val")
     assert not os.path.exists(path)
 
@@ -354,7 +356,7 @@ def test_network_failure_is_one_clear_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     monkeypatch.setattr(hellaswag, "DATA_DIR", str(tmp_path))
-    with pytest.raises(run_support.UserError, match="connect to the network, or use a local copy .* --data_file"):
+    with pytest.raises(common.UserError, match="connect to the network, or use a local copy .* --data_file"):
         hellaswag.load_examples("val")
     assert os.listdir(tmp_path) == []
 
@@ -362,7 +364,7 @@ def test_network_failure_is_one_clear_error(tmp_path, monkeypatch):
 def test_bad_data_file_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"ctx": "A man", "endings": ["a.", "b.", "c.", "d."]}\n')  # no label, like the test split
-    with pytest.raises(run_support.UserError, match="line 1 .* not a labelled HellaSwag example"):
+    with pytest.raises(common.UserError, match="line 1 .* not a labelled HellaSwag example"):
         hellaswag.load_examples(data_file=str(path))
 
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import ROOT, make_hf_model
 import chunked_loss
-import run_support
+import common
 import train_gpt2
 from train_gpt2 import GPT, GPTConfig
 
@@ -155,24 +155,27 @@ def test_greedy_continuation_matches_hf_generate(hf_model_dir):
     assert tokens[0] == expected[0].tolist()
 
 
-def test_from_pretrained_names_the_missing_or_mismatched_key(tmp_path):
+@pytest.mark.parametrize("damage,error,key", [
+    ("missing", KeyError, r"no weight: 'transformer\.h\.1\.mlp\.c_fc\.bias'"),
+    ("extra", KeyError, r"no place for: 'transformer\.h\.1\.mlp\.extra'"),
+    ("shape", ValueError, r"transformer\.wpe\.weight"),
+])
+def test_from_pretrained_names_the_missing_or_mismatched_key(monkeypatch, damage, error, key):
     hf = make_hf_model()
-    model = GPT(GPTConfig(block_size=128, n_layer=2, n_head=2, n_embd=64))
-    del hf.transformer.h[1].mlp.c_fc.bias  # a checkpoint that lacks one weight
-    hf.transformer.h[1].mlp.c_fc.register_parameter("bias", None)
-    with pytest.raises(KeyError, match=r"h\.1\.mlp\.c_fc\.bias"):
-        train_gpt2.copy_hf_weights(hf, model)
-    hf = make_hf_model()
-    wider = GPT(GPTConfig(block_size=256, n_layer=2, n_head=2, n_embd=64))
-    with pytest.raises(ValueError, match=r"transformer\.wpe\.weight"):
-        train_gpt2.copy_hf_weights(hf, wider)
-    deeper = GPT(GPTConfig(block_size=128, n_layer=3, n_head=2, n_embd=64))
-    with pytest.raises(KeyError, match=r"h\.2\."):
-        train_gpt2.copy_hf_weights(hf, deeper)
+    if damage == "missing":  # a checkpoint that lacks one weight
+        del hf.transformer.h[1].mlp.c_fc.bias
+        hf.transformer.h[1].mlp.c_fc.register_parameter("bias", None)
+    elif damage == "extra":  # one with a weight our GPT has no place for
+        hf.transformer.h[1].mlp.register_parameter("extra", torch.nn.Parameter(torch.zeros(3)))
+    else:  # one whose weight disagrees with its own config
+        hf.transformer.wpe.weight = torch.nn.Parameter(torch.zeros(256, 64))
+    monkeypatch.setattr(train_gpt2, "load_hf_gpt2", lambda name: hf)
+    with pytest.raises(error, match=key):
+        GPT.from_pretrained("a damaged checkpoint")
 
 
 def test_from_pretrained_unknown_name_is_a_user_error():
-    with pytest.raises(run_support.UserError, match="unknown model 'gpt3'"):
+    with pytest.raises(common.UserError, match="unknown model 'gpt3'"):
         GPT.from_pretrained("gpt3")
 
 
@@ -192,11 +195,6 @@ def test_parameter_counts_of_the_124M_model():
     with torch.device("meta"):  # shapes only: no memory, no time
         counts = {v: sum(p.numel() for p in GPT(GPTConfig(vocab_size=v)).parameters()) for v in (50257, 50304)}
     assert counts == {50257: 124_439_808, 50304: 124_475_904}  # the tied matrix is counted once
-
-
-def test_pretrained_shapes_are_gpt2s():
-    assert GPT.PRETRAINED_SHAPES == {"gpt2": (12, 12, 768), "gpt2-medium": (24, 16, 1024),
-                                     "gpt2-large": (36, 20, 1280), "gpt2-xl": (48, 25, 1600)}
 
 
 # --- initialisation ----------------------------------------------------------------------------------------------
@@ -231,7 +229,7 @@ def test_initialisation_stds():
 
 def test_sequence_longer_than_block_size_raises():
     model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=1, n_embd=16))
-    with pytest.raises(ValueError, match="17.*16"):
+    with pytest.raises(AssertionError, match="17.*16"):
         model(torch.zeros(1, 17, dtype=torch.long))
 
 
@@ -276,7 +274,7 @@ def test_sampling_crops_to_block_size(small_model):
 # --- tokenizer and import ---------------------------------------------------------------------------------------
 
 def test_tokenizer_ids():
-    enc = run_support.get_tokenizer()
+    enc = common.get_tokenizer()
     assert enc.encode("Hello, I'm a language model,") == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
     assert enc.eot_token == 50256
 
@@ -284,15 +282,15 @@ def test_tokenizer_ids():
 def test_tokenizer_from_the_committed_files_is_tiktokens_gpt2(shakespeare):
     import tiktoken
 
-    ours, theirs = run_support.get_tokenizer(), tiktoken.get_encoding("gpt2")  # theirs: from TIKTOKEN_CACHE_DIR
+    ours, theirs = common.get_tokenizer(), tiktoken.get_encoding("gpt2")  # theirs: from TIKTOKEN_CACHE_DIR
     assert ours._mergeable_ranks == theirs._mergeable_ranks and ours._pat_str == theirs._pat_str
     assert ours._special_tokens == theirs._special_tokens == {"<|endoftext|>": 50256}
     text = open(shakespeare).read()
     assert ours.encode_ordinary(text) == theirs.encode_ordinary(text)
     assert len(ours.encode_ordinary(text)) == 338_025
-    for name, (_, sha256) in run_support.GPT2_TOKENIZER_FILES.items():  # the committed copies are OpenAI's files
-        assert run_support.sha256_of(os.path.join(ROOT, "gpt2_tokenizer", name)) == sha256
-    assert run_support.sha256_of(os.path.join(ROOT, "input.txt")) == run_support.TINY_SHAKESPEARE_SHA256
+    for name, (_, sha256) in common.GPT2_TOKENIZER_FILES.items():  # the committed copies are OpenAI's files
+        assert common.sha256_of(os.path.join(ROOT, "gpt2_tokenizer", name)) == sha256
+    assert common.sha256_of(os.path.join(ROOT, "input.txt")) == common.TINY_SHAKESPEARE_SHA256
 
 
 def test_import_does_nothing():

@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from common import UserError
 from conftest import ROOT
 import run_support
 import train_gpt2
@@ -146,7 +147,8 @@ def settings_for(world_size, tmp_path, *argv):
 
     write_shards(tmp_path, [100])
     args = run_support.build_parser(train_gpt2.GPT2_124M_FINEWEB).parse_args(["--data", str(tmp_path), *argv])
-    s, reasons, _ = run_support.decide_settings(args, train_gpt2.GPT2_124M_FINEWEB, "cuda", world_size)
+    reasons = []
+    s, _ = run_support.decide_settings(args, train_gpt2.GPT2_124M_FINEWEB, "cuda", world_size, reasons)
     return s, reasons
 
 
@@ -162,11 +164,11 @@ def test_the_lectures_batch_fits_any_power_of_two_gpus(tmp_path, world_size, bat
 
 
 def test_a_batch_no_micro_batch_can_split_names_one_that_works(tmp_path):
-    with pytest.raises(run_support.UserError, match=r"must be divisible by seq_len x processes = 1024 x 3 = 3072.*"
+    with pytest.raises(UserError, match=r"must be divisible by seq_len x processes = 1024 x 3 = 3072.*"
                                                     r"--total_batch_size 525312 would fit"):
         settings_for(3, tmp_path)
     # a micro-batch the user chose is never changed behind their back: an error that says what would fit
-    with pytest.raises(run_support.UserError, match="--batch_size 32 would fit"):
+    with pytest.raises(UserError, match="--batch_size 32 would fit"):
         settings_for(16, tmp_path, "--batch_size", "64")
 
 

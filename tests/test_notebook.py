@@ -9,7 +9,7 @@ import tiktoken
 from nbclient import NotebookClient
 
 from conftest import ROOT
-import run_support
+import checkpoints
 import train_gpt2
 
 NOTEBOOK = os.path.join(ROOT, "play.ipynb")
@@ -144,8 +144,8 @@ def test_notebook_on_a_tiny_run(tmp_path, monkeypatch, shakespeare):
                           "--total_batch_size", "64", "--max_steps", "6", "--eval_every", "3", "--val_tokens", "256",
                           "--sample_every", "0", "--checkpoint_every", "6", "--log_dir", str(log_dir)])
     assert rc == 0
-    checkpoints = run_support.list_checkpoints(str(log_dir))
-    assert checkpoints, "the training run saved no checkpoint"
+    saved = checkpoints.list_checkpoints(str(log_dir))
+    assert saved, "the training run saved no checkpoint"
     # a HellaSwag line, as --hellaswag_every writes it, so that the right panel is drawn too
     with open(log_dir / "log.txt", "a") as f:
         f.write("5 hella 0.2600\n")
@@ -159,7 +159,7 @@ def test_notebook_on_a_tiny_run(tmp_path, monkeypatch, shakespeare):
     check_png(figure)
     assert "min train loss:" in out and "last val loss:" in out and "max HellaSwag acc_norm: 0.2600" in out
     assert "no validation lines" not in out and "no HellaSwag lines" not in out
-    assert checkpoints[-1] in out, "the notebook did not pick the newest checkpoint next to the log"
+    assert saved[-1] in out, "the notebook did not pick the newest checkpoint next to the log"
     samples = [line for line in out.splitlines() if line.startswith("sample ")]
     assert len(samples) == 4 and all(PROMPT in line for line in samples), out
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from common import UserError
 from conftest import DATA, ROOT
 import run_support
 import train_gpt2
@@ -111,7 +112,7 @@ def test_text_file_splits_90_10(shakespeare):
 def test_a_bad_shard_is_a_user_error_naming_the_file(tmp_path, content, match):
     path = str(tmp_path / "edufineweb_train_000001.npy")
     content(path)
-    with pytest.raises(run_support.UserError, match=match) as e:
+    with pytest.raises(UserError, match=match) as e:
         DataLoaderLite(str(tmp_path), B=1, T=4)
     assert "edufineweb_train_000001.npy" in str(e.value)
 
@@ -121,7 +122,7 @@ def test_truncated_shard_is_a_user_error(tmp_path):
     np.save(path, np.arange(1000, dtype=np.uint16))
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(run_support.UserError, match="edufineweb_train_000001.npy"):
+    with pytest.raises(UserError, match="edufineweb_train_000001.npy"):
         DataLoaderLite(str(tmp_path), B=1, T=4)
 
 
@@ -209,8 +210,8 @@ def test_learning_happens_on_tiny_shakespeare(tmp_path, shakespeare, capsys):
     assert log[(50, "val")] < log[(0, "val")] - 3
     out = capsys.readouterr().out
     assert "sample 0: Hello, I'm a language model," in out
-    assert "step    49 | loss" in out and "| tok/sec" in out
-    assert "| mfu -" in out and "peak GPU memory" not in out  # a CPU has no datasheet peak, and no GPU memory
+    assert "step    49 | loss: " in out and "| tok/sec: " in out
+    assert "| mfu: -" in out and "peak GPU memory" not in out  # a CPU has no datasheet peak, and no GPU memory
 
 
 # --- MFU -----------------------------------------------------------------------------------------------------------
