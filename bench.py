@@ -159,13 +159,11 @@ class Runtime:
     """Where a run is timed: one process (bench.py never runs DDP), the device and dtype train_gpt2.py would pick."""
     device: str
     device_type: str
-    dtype: str  # "bfloat16" (autocast) or "float32"
+    dtype: str  # "bfloat16" or "float16" (autocast), or "float32"
     peak_flops: float = None  # the GPU's bf16 dense peak, FLOP/s; None on CPUs and unknown GPUs
 
     def autocast(self):
-        if self.dtype == "bfloat16":
-            return torch.autocast(self.device_type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=getattr(torch, self.dtype), enabled=self.dtype != "float32")
 
     def synchronize(self):
         if self.device_type == "cuda":
@@ -181,7 +179,7 @@ def setup_runtime(requested_device):
         raise UserError("bench.py times CUDA GPUs and CPUs; use --device cpu")
     peak = rs.gpu_peak_flops(torch.cuda.get_device_name()) if device_type == "cuda" else None
     return Runtime(device="cuda" if device_type == "cuda" else "cpu", device_type=device_type,
-                   dtype=rs.pick_dtype(device_type, []), peak_flops=peak)
+                   dtype=rs.pick_dtype(device_type, "auto", []), peak_flops=peak)
 
 
 def train_step(model, optimizer, loader, grad_accum_steps, rt):

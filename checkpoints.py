@@ -28,14 +28,19 @@ def checkpoint_path(log_dir, step):
     return os.path.join(log_dir, f"model_{step:05d}.pt")
 
 
+def checkpoint_step(path):
+    """The step in a checkpoint's name (model_00290.pt: 290), or -1 for another name."""
+    name = os.path.basename(path)
+    digits = name[len("model_"):-len(".pt")]
+    return int(digits) if name.startswith("model_") and name.endswith(".pt") and digits.isdigit() else -1
+
+
 def list_checkpoints(log_dir):
     """Complete checkpoints in log_dir, oldest first (a file being written has a .tmp name and is not listed)."""
     if not os.path.isdir(log_dir):
         return []
-    names = [n for n in os.listdir(log_dir) if n.startswith("model_") and n.endswith(".pt")
-             and n[len("model_"):-len(".pt")].isdigit()]
-    names.sort(key=lambda n: int(n[len("model_"):-len(".pt")]))  # by step: model_100000.pt after model_99999.pt
-    return [os.path.join(log_dir, n) for n in names]
+    names = sorted((n for n in os.listdir(log_dir) if checkpoint_step(n) >= 0), key=checkpoint_step)  # by step:
+    return [os.path.join(log_dir, n) for n in names]  # model_100000.pt after model_99999.pt
 
 
 def save_checkpoint(path, state):
@@ -74,8 +79,12 @@ def load_hf_gpt2(name_or_path):
     if name_or_path not in GPT2_NAMES and not os.path.isdir(name_or_path):
         raise UserError(f"unknown model '{name_or_path}': use one of {', '.join(GPT2_NAMES)}, or a folder with a "
                         f"GPT-2 checkpoint")
+    from huggingface_hub.utils import enable_progress_bars
     from transformers import GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # transformers' bar over reading the weights from disk (a second or two)...
+    enable_progress_bars()  # ...but not the hub's download bars, which that turned off too
     try:
         return GPT2LMHeadModel.from_pretrained(name_or_path)
     except OSError as e:  # transformers reports "can't reach the hub" and "no such files" as OSError

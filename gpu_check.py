@@ -2,7 +2,7 @@
 One-command acceptance check for a GPU machine: does train_gpt2.py learn, is it fast, and do compile, DDP and
 the evaluations work, on one H100/H200-class GPU, offline, within 8 minutes (the target: not yet run on a GPU)?
 
-  python gpu_check.py                                   # all five checks on the GPU
+  python gpu_check.py                                   # all six checks on the GPU
   python gpu_check.py --only learning table             # some of them
   python gpu_check.py --out docs/gpu_check_output.txt   # also keep the raw output of every command
   python gpu_check.py --dry_run                         # the same script with a tiny model on the CPU
@@ -20,6 +20,8 @@ comes from a local file (--hellaswag_file).
             batch size runs, and the best reaches 50% MFU
   ddp       torchrun with one process (NCCL) logs the same losses as plain python
   eval      validation loss and HellaSwag (200 examples) of the random model, and how long each takes
+  fp16      the path of GPUs without bf16 (T4, V100), on any GPU: --dtype float16 with its gradient scaler learns,
+            and a run resumed from its checkpoint logs the same losses (the scaler's state included)
 
 Each check prints one line, 'PASS name: numbers' or 'FAIL name: numbers (why)', then a summary; the exit status
 is 0 if every check passed, 1 if one failed, 2 for a mistake on the command line. docs/gpu_check.md explains
@@ -46,7 +48,7 @@ import torch
 from common import ArgumentParser, UserError, report_user_errors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-CHECKS = ("learning", "compile", "table", "ddp", "eval")
+CHECKS = ("learning", "compile", "table", "ddp", "eval", "fp16")
 DEFAULT_HELLASWAG = [os.path.join(HERE, "..", "shared", "data", "hellaswag_val_cleaned.jsonl"),
                      os.path.join(HERE, "hellaswag_data", "hellaswag_val.jsonl")]
 
@@ -76,7 +78,8 @@ class Mode:
             # torch.compile is not exercised: compiling even the 2-layer model took 77 s on a 2-core CPU (with
             # other jobs running), most of the time a dry run may take
             self.compile = "--no-compile"
-            self.timeouts = dict(learning=300, compile=300, table=300, ddp=300, eval=300)
+            self.timeouts = dict(learning=300, compile=300, table=300, ddp=300, eval=300, fp16=300)
+            self.fp16_steps = 6
         else:
             self.model = ["--n_layer", "12", "--n_head", "12", "--n_embd", "768", "--vocab_size", "50304"]
             self.B, self.T = 16, 1024
@@ -86,16 +89,17 @@ class Mode:
             self.hellaswag_examples = 200
             self.compile = "--compile"
             # generous: a hang becomes a FAIL with its reason, not a check that never ends
-            self.timeouts = dict(learning=420, compile=300, table=420, ddp=300, eval=300)
+            self.timeouts = dict(learning=420, compile=300, table=420, ddp=300, eval=300, fp16=300)
+            self.fp16_steps = 20
         self.val_tokens = 20 * self.B * self.T  # 20 micro-batches, as the lecture's validation (capped at the split)
 
-    def train_args(self, log_dir, max_steps, compile_flag=None, evaluation=NO_EVALUATION):
+    def train_args(self, log_dir, max_steps, compile_flag=None, evaluation=NO_EVALUATION, extra=()):
         """A train_gpt2.py command line with every setting that matters given, so that no preset decides it."""
         return ["train_gpt2.py", "--device", self.device, "--data", "input.txt", *self.model,
                 "--batch_size", str(self.B), "--seq_len", str(self.T), "--total_batch_size", str(self.B * self.T),
                 "--max_steps", str(max_steps), "--warmup_steps", str(self.warmup), "--max_lr", str(self.max_lr),
                 "--seed", "1337", compile_flag or self.compile, "--no-chunked_loss", *evaluation,
-                "--sample_every", "0", "--checkpoint_every", "0", "--log_dir", log_dir]
+                "--sample_every", "0", "--checkpoint_every", "0", "--log_dir", log_dir, *extra]
 
 
 # -----------------------------------------------------------------------------
@@ -252,9 +256,10 @@ def percent(mfu):
     return float(mfu.rstrip("%")) if mfu and mfu.endswith("%") else None
 
 
-def judge_learning(output, log_text, steps, dry):
+def judge_learning(output, log_text, steps, dry, dtype="bfloat16"):
     """50 steps (dry: 10): the first loss is that of random weights, the last is below 7 (dry: below the first),
-    every step printed its line with an MFU, log.txt holds the same losses, and the GPU run used bf16 autocast."""
+    every step printed its line with an MFU, log.txt holds the same losses, and the GPU run used the autocast
+    dtype train_gpt2.py picks for it (bfloat16; float16 on a GPU without bf16)."""
     lines = step_lines(output)
     missing = [s for s in range(steps) if s not in lines]
     if missing:
@@ -280,8 +285,8 @@ def judge_learning(output, log_text, steps, dry):
         if not last < first:
             return Verdict(False, numbers, "the loss did not fall")
         return Verdict(True, numbers, None)
-    if not re.search(r"^dtype: bfloat16", output, re.M):
-        return Verdict(False, numbers, "the run did not use bf16 autocast (see its 'dtype:' line)")
+    if not re.search(rf"^dtype: {dtype}", output, re.M):
+        return Verdict(False, numbers, f"the run did not use {dtype} autocast (see its 'dtype:' line)")
     if not 10.5 <= first <= 11.3:
         return Verdict(False, numbers, "the step-0 loss of random weights should be about 10.9 (ln 50304 = 10.83 "
                                        "plus the spread of the initial logits), between 10.5 and 11.3")
@@ -437,7 +442,8 @@ def check_learning(run, mode, tmp, args):
     log_dir = os.path.join(tmp, "learning")
     r = run.python_cmd(mode.train_args(log_dir, mode.learning_steps), mode.timeouts["learning"])
     require_success(r, "train_gpt2.py")
-    return judge_learning(r.output, read_text(os.path.join(log_dir, "log.txt")), mode.learning_steps, mode.dry)
+    dtype = "bfloat16" if mode.dry or torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
+    return judge_learning(r.output, read_text(os.path.join(log_dir, "log.txt")), mode.learning_steps, mode.dry, dtype)
 
 
 def check_compile(run, mode, tmp, args):
@@ -493,8 +499,46 @@ def check_eval(run, mode, tmp, args):
     return judge_eval(r.output, r.lines, r.wall, mode.hellaswag_examples, mode.dry)
 
 
+def judge_fp16(straight_output, straight_log, resumed_log, steps, atol):
+    """--dtype float16: a scaler in use, every loss finite and falling, and the second half resumed from the
+    half-way checkpoint logs the losses of the straight run (within atol: a GPU may not be bit for bit
+    deterministic)."""
+    straight, resumed = log_losses(straight_log), log_losses(resumed_log)
+    half = steps // 2
+    if sorted(straight) != list(range(steps)) or sorted(resumed) != list(range(half, steps)):
+        return Verdict(False, f"{len(straight)} and {len(resumed)} train lines", "a run did not log every step")
+    diff = max(abs(straight[s] - resumed[s]) for s in resumed)
+    skipped = straight_output.count("skipped: fp16 gradients overflowed")
+    numbers = f"loss {straight[0]:.4f} at step 0 -> {straight[steps - 1]:.4f} at step {steps - 1}, {skipped} " \
+              f"step(s) skipped by the scaler; resumed at step {half}: max |diff| {diff:.1e}"
+    if not re.search(r"^dtype: float16 \(--dtype\)", straight_output, re.M):
+        return Verdict(False, numbers, "the run did not say it used float16 (its 'dtype:' line)")
+    if not all(math.isfinite(x) for x in straight.values()) or not straight[steps - 1] < straight[0]:
+        return Verdict(False, numbers, "a loss is not finite, or the loss did not fall")
+    if skipped >= half:
+        return Verdict(False, numbers, "the scaler skipped most steps: fp16 gradients keep overflowing")
+    if not diff <= atol:
+        return Verdict(False, numbers, f"the resumed run's losses differ by more than {atol}: the scaler's or the "
+                                       f"optimizer's state did not resume")
+    return Verdict(True, numbers, None)
+
+
+def check_fp16(run, mode, tmp, args):
+    steps, half = mode.fp16_steps, mode.fp16_steps // 2
+    straight_dir, resumed_dir = os.path.join(tmp, "fp16"), os.path.join(tmp, "fp16_resumed")
+    # uncompiled: what it checks is the scaler, and the runs stay short
+    straight = run.python_cmd(mode.train_args(straight_dir, steps, "--no-compile", extra=(
+        "--dtype", "float16", "--checkpoint_every", str(half))), mode.timeouts["fp16"])
+    require_success(straight, "train_gpt2.py --dtype float16")
+    resumed = run.python_cmd(mode.train_args(resumed_dir, steps, "--no-compile", extra=(
+        "--dtype", "float16", "--resume", os.path.join(straight_dir, f"model_{half:05d}.pt"))), mode.timeouts["fp16"])
+    require_success(resumed, "train_gpt2.py --dtype float16 --resume")
+    return judge_fp16(straight.output, read_text(os.path.join(straight_dir, "log.txt")),
+                      read_text(os.path.join(resumed_dir, "log.txt")), steps, atol=0.0 if mode.dry else 1e-3)
+
+
 CHECK_FUNCTIONS = dict(learning=check_learning, compile=check_compile, table=check_table, ddp=check_ddp,
-                       eval=check_eval)
+                       eval=check_eval, fp16=check_fp16)
 
 
 # -----------------------------------------------------------------------------

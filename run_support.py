@@ -3,22 +3,26 @@ What a real training run needs beyond the lecture's script, in the order train_g
 
   1. Exit statuses      run_to_exit_status: 0 done, 1 diverged, 2 a user's mistake (one line), 128+N a signal
   2. The command line   build_parser: every flag, with help
-  3. Device and dtype   pick_device, pick_dtype
-  4. Settings           decide_settings: rank 0 fills the flags left unset (a preset for this machine and data),
-                        checks every value, fits the micro-batch to the processes, picks the checkpoint to
-                        resume, and every process follows
+  3. Device           pick_device
+  4. Settings           decide_settings: rank 0 fills the flags left unset (a preset for this machine and data,
+                        the dtype, compile), checks every value, fits the micro-batch to the processes, picks
+                        the checkpoint to resume, and every process follows
   5. Every node         on_every_node (each node's local rank 0 first; a failure anywhere stops every process
                         with one line), load_resume_checkpoint, load_hellaswag_examples
-  6. Resuming           load_weights, restore_training_state, rng_state, math_settings
-  7. The run's folder   RunFolder: log.txt, config.json and the checkpoints of --log_dir
-  8. MFU                flops_per_token, gpu_peak_flops, format_mfu
-  9. Stopping           StopRequest: Ctrl-C or SIGTERM ends the run cleanly, on every process together
+  6. Before the first step   fit_batch_to_memory (the largest micro-batch that fits on every process),
+                        compiled_if_it_works (torch.compile tried on one micro-batch, else run uncompiled)
+  7. Resuming           load_weights, restore_training_state, rng_state
+  8. The run's folder   RunFolder: log.txt, config.json and the checkpoints of --log_dir
+  9. MFU                flops_per_token, gpu_peak_flops, format_mfu
+ 10. Stopping           StopRequest: Ctrl-C or SIGTERM ends the run cleanly, on every process together
 
 Imports flow one way: train_gpt2.py -> run_support.py -> hellaswag.py -> checkpoints.py -> common.py.
 """
 
 import argparse
+import importlib.util
 import json
+import math
 import os
 import signal
 import socket
@@ -27,8 +31,10 @@ import sys
 import torch
 import torch.distributed as dist
 
-from checkpoints import GPT2_NAMES, checkpoint_path, list_checkpoints, load_checkpoint, save_checkpoint
-from common import FINEWEB_SHARDS, TINY_SHAKESPEARE, ArgumentParser, UserError, ensure_tiny_shakespeare, one_line
+from checkpoints import (GPT2_NAMES, checkpoint_path, checkpoint_step, list_checkpoints, load_checkpoint,
+                         save_checkpoint)
+from common import (FINEWEB_SHARDS, TINY_SHAKESPEARE, ArgumentParser, UserError, ensure_tiny_shakespeare, one_line,
+                    sha256_of)
 from hellaswag import load_examples as load_hellaswag_file
 
 # -----------------------------------------------------------------------------
@@ -43,9 +49,37 @@ class TrainingDiverged(Exception):
     """The loss became NaN or infinite: the run stops with exit status 1, the last good checkpoint stays as it is."""
 
 
+class DivergenceCheck:
+    """Stops a run whose loss or gradient norm is not finite: NaN weights must never be saved. In fp16 a step whose
+    gradients overflowed is normal: the gradient scaler skipped it and scales less from then on. Only MAX_SKIPS
+    of those in a row (the scale halved each time, from 65536 to below 1/16) mean the run diverged."""
+
+    MAX_SKIPS = 20
+
+    def __init__(self, scaler):
+        self.scaler, self.skips = scaler, 0
+
+    def check(self, step, loss, norm):
+        """Raise TrainingDiverged, or return whether the scaler skipped this step."""
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"step {step}: the loss is {loss}; stopping, the last good checkpoint is kept")
+        if math.isfinite(norm):
+            self.skips = 0
+            return False
+        if not self.scaler.is_enabled():
+            raise TrainingDiverged(f"step {step}: the gradient norm is {norm}; stopping, the last good checkpoint "
+                                   f"is kept")
+        self.skips += 1
+        if self.skips >= self.MAX_SKIPS:
+            raise TrainingDiverged(f"step {step}: fp16 gradients overflowed {self.skips} steps in a row (loss scale "
+                                   f"now {self.scaler.get_scale():g}); stopping, the last good checkpoint is kept")
+        return True
+
+
 def run_to_exit_status(train, args):
-    """train(args), with the exit statuses of the command line: 0 done, 1 diverged, 2 a user's mistake, 128+N
-    stopped by signal N. DDP processes leave together: none tears its process group down while another uses it."""
+    """train(args), with the exit statuses of the command line: 0 done, 1 diverged or out of memory, 2 a user's
+    mistake, 128+N stopped by signal N. DDP processes leave together: none tears its process group down while
+    another uses it."""
     try:
         code = train(args)
         if dist.is_initialized():
@@ -57,6 +91,10 @@ def run_to_exit_status(train, args):
         return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError as e:  # after the micro-batch was fitted: an evaluation, or fragmented memory
+        print(f"error: out of memory ({one_line(e)}); lower --batch_size, --hellaswag_batch_size or --val_tokens, "
+              f"and continue with --resume auto", file=sys.stderr)
         return 1
     finally:
         StopRequest.restore_handlers()
@@ -103,8 +141,12 @@ def build_parser(lecture_run):
     g.add_argument("--seed", type=int, default=1337, help="seed of the weights and of the data order")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to train")
+    g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
+                   help="autocast dtype; auto: bfloat16 on GPUs that have it, float16 with a gradient scaler on CUDA "
+                        "GPUs without it (T4, V100, RTX 20xx), float32 on CPUs and MPS")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on with CUDA, off elsewhere)")
+                   help="torch.compile the model (default: on with CUDA where Triton is installed, off elsewhere); "
+                        "tried on one micro-batch before training, and if it fails the run goes on without it")
     g.add_argument("--chunked_loss", action=argparse.BooleanOptionalAction, default=False,
                    help="opt-in: train through chunked_loss.ChunkedLossGPT, which computes the output layer and the "
                         "loss in chunks instead of GPT.forward's F.cross_entropy (the same numbers; faster on some "
@@ -120,6 +162,8 @@ def build_parser(lecture_run):
     g.add_argument("--checkpoint_every", type=int, default=None, help="save a checkpoint every N steps (0: never)")
     g.add_argument("--keep_checkpoints", type=int, default=0, help="keep only the newest N checkpoints (0: all)")
     g.add_argument("--log_dir", default="log", help="where log.txt, config.json and checkpoints go")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a --log_dir that holds another run: its log and checkpoints are deleted")
     g.add_argument("--resume", default=None,
                    help="continue from a checkpoint file, or 'auto': the newest one in --log_dir (fresh start if none)")
     g = p.add_argument_group("using a trained model (instead of training)")
@@ -129,16 +173,22 @@ def build_parser(lecture_run):
     g.add_argument("--num_samples", type=int, default=4, help="with --sample: how many continuations")
     g.add_argument("--max_new_tokens", type=int, default=64, help="with --sample: tokens to add to the prompt")
     g.add_argument("--top_k", type=int, default=50, help="with --sample: sample from the k most likely tokens")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="with --sample: divide the logits by this before sampling (below 1: surer; near 0: greedy)")
+    g.add_argument("--eval", metavar="MODEL", default=None,
+                   help="validation loss on --data, and HellaSwag where its file is here, of a checkpoint of ours "
+                        "(with its run's data, tokens and dtype unless flags say otherwise) or a GPT-2 name/folder; "
+                        "no training")
     g.add_argument("--export_hf", nargs=2, metavar=("CHECKPOINT", "OUT_DIR"), default=None,
                    help="write a checkpoint as a Hugging Face GPT-2 folder (safetensors + tokenizer), then exit")
     return p
 
 
-MODEL_COMMAND_FLAGS = ("sample", "prompt", "num_samples", "max_new_tokens", "top_k", "export_hf")
+MODEL_COMMAND_FLAGS = ("sample", "prompt", "num_samples", "max_new_tokens", "top_k", "temperature", "export_hf", "eval")
 
 
 # -----------------------------------------------------------------------------
-# 3. Device and dtype
+# 3. Device
 
 
 def pick_device(requested, ddp):
@@ -156,18 +206,6 @@ def pick_device(requested, ddp):
     if ddp and device_type == "mps":
         raise UserError("DDP (torchrun) is not supported on MPS; run one process, or use --device cpu")
     return device_type, reasons
-
-
-def pick_dtype(device_type, reasons):
-    """'bfloat16' (autocast) on GPUs that have bf16 (Ampere and newer), else 'float32'; the reason goes to reasons."""
-    if device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
-        reasons.append("dtype: bfloat16 autocast (this GPU supports bf16)")
-        return "bfloat16"
-    why = {"cuda": "this GPU has no bf16 support", "mps": "bf16 autocast on MPS is not worth it",
-           "cpu": "bf16 autocast measured 21x slower on one CPU, 1.6x faster on one with bf16 units: "
-                  "docs/benchmarks.md"}[device_type]
-    reasons.append(f"dtype: float32 ({why})")
-    return "float32"
 
 
 # -----------------------------------------------------------------------------
@@ -195,9 +233,10 @@ PRESETS = {
     ),
 }
 
-# the settings that change the math of a run: a resumed run must use the same ones
-MATH_SETTINGS = ("data", "total_batch_size", "batch_size", "seq_len", "max_steps", "warmup_steps", "max_lr",
-                 "min_lr", "weight_decay", "grad_clip", "seed", "n_layer", "n_head", "n_embd", "vocab_size",
+# the settings that change the math of a run: a resumed run must use the same ones (the micro-batch may differ:
+# a step reads the same tokens whatever it is, see train_gpt2.py's data section; so may the dtype, which only rounds)
+MATH_SETTINGS = ("data", "total_batch_size", "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr",
+                 "weight_decay", "grad_clip", "seed", "n_layer", "n_head", "n_embd", "vocab_size", "block_size",
                  "init_from")
 
 
@@ -254,10 +293,11 @@ def decide_settings_here(args, lecture_run, device_type, world_size):
     if filled:
         reasons.append(f"preset: {name} for {', '.join(filled)} (data is "
                        f"{'a shard folder' if os.path.isdir(s.data) else 'a text file'}, device {device_type})")
+    s.dtype = pick_dtype(device_type, s.dtype, reasons)
     if s.compile is None:
-        s.compile = device_type == "cuda"
-        reasons.append(f"compile: {'on' if s.compile else 'off'} (default: on with CUDA only, where it pays off)")
+        s.compile = compile_by_default(device_type, reasons)
     check_values(s)
+    check_log_dir_holds_no_other_run(s)
     fit_batch_to_processes(s, world_size, "batch_size" in filled, reasons)
     resume_path = s.resume
     if s.resume == "auto":
@@ -265,6 +305,46 @@ def decide_settings_here(args, lecture_run, device_type, world_size):
         resume_path = found[-1] if found else None
         reasons.append(f"resume: {resume_path or f'no checkpoint in {s.log_dir}, starting fresh'}")
     return s, reasons, resume_path
+
+
+def pick_dtype(device_type, requested, reasons):
+    """The autocast dtype, 'bfloat16', 'float16' or 'float32' (no autocast), and the reason it was chosen."""
+    has_bf16 = device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if requested == "auto":
+        if has_bf16:
+            reasons.append("dtype: bfloat16 autocast (auto: this GPU has bf16)")
+            return "bfloat16"
+        if device_type == "cuda":  # T4, V100, RTX 20xx: fp16 tensor cores (a T4: 65 TFLOP/s fp16, 8 fp32)
+            reasons.append("dtype: float16 autocast with a gradient scaler (auto: this GPU has no bf16; its fp16 "
+                           "tensor cores are much faster than fp32)")
+            return "float16"
+        why = {"mps": "bf16 and fp16 autocast on MPS are not tested here",
+               "cpu": "bf16 autocast measured 21x slower on one CPU, 1.6x faster on one with bf16 units: "
+                      "docs/benchmarks.md"}[device_type]
+        reasons.append(f"dtype: float32 (auto: {why})")
+        return "float32"
+    if requested == "bfloat16" and device_type == "cuda" and not has_bf16:
+        raise UserError("--dtype bfloat16, but this GPU has no bf16 (NVIDIA's came with Ampere, compute capability "
+                        "8.0); use --dtype float16 (with a gradient scaler) or float32")
+    if requested != "float32" and device_type == "mps":
+        raise UserError(f"--dtype {requested} on MPS is not supported by this script; use --dtype float32")
+    reasons.append(f"dtype: {requested} (--dtype)")
+    return requested
+
+
+def compile_by_default(device_type, reasons):
+    """torch.compile by default only with CUDA, and only where its GPU compiler, Triton, is installed."""
+    if device_type != "cuda":
+        why = "a CPU compiles for minutes and gains little; --compile tries it" if device_type == "cpu" else \
+            "torch.compile does not support MPS well enough"
+        reasons.append(f"compile: off ({why})")
+        return False
+    if importlib.util.find_spec("triton") is None:
+        reasons.append("compile: off (torch.compile needs Triton on CUDA, and this PyTorch has none: on Windows "
+                       "`pip install triton-windows`)")
+        return False
+    reasons.append("compile: on (CUDA with Triton)")
+    return True
 
 
 def check_values(s):
@@ -276,6 +356,9 @@ def check_values(s):
                  "keep_checkpoints", "weight_decay", "hellaswag_examples"):
         if getattr(s, name) < 0:
             raise UserError(f"--{name} must be 0 or more, got {getattr(s, name)}")
+    for name in ("max_lr", "min_lr", "weight_decay", "grad_clip"):
+        if not math.isfinite(getattr(s, name)):
+            raise UserError(f"--{name} must be a finite number, got {getattr(s, name)}")
     if not s.max_lr > 0 or not 0 <= s.min_lr <= s.max_lr or not s.grad_clip > 0:
         raise UserError(f"need 0 < --max_lr, 0 <= --min_lr <= --max_lr and --grad_clip > 0 "
                         f"(got {s.max_lr}, {s.min_lr}, {s.grad_clip})")
@@ -286,6 +369,37 @@ def check_values(s):
     if s.hellaswag_every > 0 and s.hellaswag_file is not None and not os.path.isfile(s.hellaswag_file):
         raise UserError(f"--hellaswag_file {s.hellaswag_file} does not exist")
     check_log_dir(s.log_dir)
+
+
+def run_files(log_dir):
+    """The files of a run in log_dir: its log.txt, config.json and checkpoints (finished or being written)."""
+    if not os.path.isdir(log_dir):
+        return []
+    names = [n for n in os.listdir(log_dir) if n in ("log.txt", "config.json")
+             or n.startswith("model_") and (n.endswith(".pt") or n.endswith(".pt.tmp"))]
+    return sorted(os.path.join(log_dir, n) for n in names)
+
+
+def check_log_dir_holds_no_other_run(s):
+    """A run writes into a --log_dir of its own. --resume auto, or --resume of a checkpoint in that folder, continues
+    the run that is there; any other run (a fresh start, or a resume from a checkpoint elsewhere) stops here if
+    the folder holds another run's files, unless --overwrite, which deletes them when the run starts."""
+    inside = s.resume not in (None, "auto") and os.path.dirname(os.path.abspath(s.resume)) == os.path.abspath(s.log_dir)
+    if s.overwrite and (s.resume == "auto" or inside):
+        raise UserError(f"--overwrite deletes the run in --log_dir {s.log_dir}: it does not go with --resume auto or "
+                        f"a checkpoint of that folder")
+    if inside:
+        newer = [p for p in list_checkpoints(s.log_dir) if checkpoint_step(p) > checkpoint_step(s.resume)]
+        if newer:
+            raise UserError(f"--resume {s.resume}: {s.log_dir} holds newer checkpoints of that run ("
+                            f"{os.path.basename(newer[-1])}); --resume auto continues from the newest, or resume "
+                            f"into another --log_dir to go back to an older one")
+    if s.resume == "auto" or inside:
+        return
+    if run_files(s.log_dir) and not s.overwrite:
+        raise UserError(f"--log_dir {s.log_dir} holds another run (log.txt or checkpoints): continue it with --resume "
+                        f"auto, choose another --log_dir, or start over with --overwrite (deletes its log and "
+                        f"checkpoints)")
 
 
 def check_log_dir(log_dir):
@@ -409,7 +523,113 @@ def load_hellaswag_examples(s):
 
 
 # -----------------------------------------------------------------------------
-# 6. Resuming: a checkpoint holds all that the run needs to continue exactly as if it had never stopped
+# 6. Before the first step: a micro-batch that fits, and a torch.compile that works
+
+
+def print_run(print0, reasons, s, model, train_loader, val_loader, val_chunks, hella_examples):
+    """What the run does and why: the reasons for each choice, every setting, the data, the model."""
+    for line in reasons:
+        print0(line)
+    print0("settings: " + " ".join(f"--{k} {v}" for k, v in vars(s).items()))
+    print0(f"data: {s.data}: {train_loader.total:,} train tokens in {len(train_loader.shards)} shard(s), "
+           f"{val_loader.total:,} val tokens; val loss over {val_chunks} micro-batches "
+           f"({val_chunks * s.batch_size * s.seq_len:,} tokens)")
+    if hella_examples:
+        print0(f"hellaswag: {len(hella_examples):,} val examples every {s.hellaswag_every} steps")
+    print0(f"model: {model.config} with {sum(p.numel() for p in model.parameters()):,} parameters")
+
+
+def all_processes_agree(ok, device):
+    """True if ok is True on every process (on one process: ok itself)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor(int(ok), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def memory_of(device):
+    """What this process has to train in, in words: a GPU's free memory, or the machine's for a CPU."""
+    if device.startswith("cuda"):
+        free, total = torch.cuda.mem_get_info(device)
+        return f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB on {torch.cuda.get_device_name(device)}"
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        return f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.1f} GiB of memory"
+    return "this machine's memory"
+
+
+def try_micro_batch(model, B, T, device, autocast):
+    """One forward and backward pass at micro-batch B, with AdamW's state (two fp32 numbers per parameter, made
+    at the first step) held in reserve: True if it all fits in memory. Leaves no gradients behind and draws no
+    random numbers (the tokens are zeros: memory does not depend on their values)."""
+    reserve = x = loss = None
+    try:
+        reserve = torch.empty(8 * sum(p.numel() for p in model.parameters()), dtype=torch.uint8, device=device)
+        x = torch.zeros((B, T), dtype=torch.long, device=device)
+        with autocast():
+            _, loss = model(x, x)
+        loss.backward()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        del reserve, x, loss
+        model.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def fit_batch_to_memory(model, s, device, autocast, world_size, from_preset, reasons):
+    """The largest micro-batch, from s.batch_size down, that fits in memory on every process and still divides
+    total_batch_size: tried with one forward and backward pass before the first step, so that no process runs
+    out of memory in the middle of a step while the others wait for it. A preset's micro-batch shrinks (gradient
+    accumulation keeps the tokens of a step); a --batch_size that does not fit is an error naming one that does."""
+    T = s.seq_len
+    divisors = [b for b in range(s.batch_size, 0, -1) if s.total_batch_size % (b * T * world_size) == 0]
+    B = s.batch_size
+    while not all_processes_agree(try_micro_batch(model, B, T, device, autocast), device):
+        smaller = [b for b in divisors if b <= B // 2]
+        if not smaller:
+            n = sum(p.numel() for p in model.parameters())
+            raise UserError(f"even a micro-batch of {B} x {T} tokens does not fit in memory on every process: the "
+                            f"model has {n:,} parameters ({16 * n / 2**30:.1f} GiB for its weights, gradients and "
+                            f"AdamW state) and this process has {memory_of(device)}; train a smaller model or use "
+                            f"a larger GPU")
+        B = smaller[0]
+    if B != s.batch_size:
+        if not from_preset:
+            raise UserError(f"--batch_size {s.batch_size} does not fit in memory ({memory_of(device)}) on every "
+                            f"process; --batch_size {B} fits")
+        reasons.append(f"batch_size: {B} instead of {s.batch_size}, which ran out of memory "
+                       f"({memory_of(device)}); gradient accumulation keeps {s.total_batch_size:,} tokens per step")
+        s.batch_size = B
+    return B
+
+
+def compiled_if_it_works(compiled, model, B, T, device, autocast, log):
+    """torch.compile compiles at the first call; try that now, on one micro-batch of the real shape (the training
+    step then reuses what was compiled). If compiling fails on any process (no C++ compiler for a CPU, no Triton
+    for a GPU, an unsupported Python), every process goes on with the uncompiled model, after one line."""
+    error = None
+    try:
+        x = torch.zeros((B, T), dtype=torch.long, device=device)
+        with autocast():
+            _, loss = compiled(x, x)
+        loss.backward()
+    except Exception as e:  # compiling raises many kinds of errors (InductorError, TritonMissing, ...)
+        error = e
+    finally:
+        model.zero_grad(set_to_none=True)
+    if all_processes_agree(error is None, device):
+        return compiled
+    why = f"{type(error).__name__}: {one_line(error)}" if error is not None else "it failed on another process"
+    log(f"compile: failed ({why}); training without it (--no-compile skips the attempt)")
+    torch.compiler.reset()
+    return model
+
+
+# -----------------------------------------------------------------------------
+# 7. Resuming: a checkpoint holds all that the run needs to continue exactly as if it had never stopped
 
 
 def load_weights(model, ckpt):
@@ -429,19 +649,17 @@ def rng_state(device_type, device):
     return state
 
 
-def math_settings(s):
-    return {k: getattr(s, k) for k in MATH_SETTINGS}
-
-
-def restore_training_state(ckpt, optimizer, train_loader, device_type, device):
-    """Continue where a checkpoint stopped: optimizer state, data position, random generators. Returns the step to
-    start from and the last validation loss (0 and None for a fresh start)."""
+def restore_training_state(ckpt, optimizer, scaler, train_loader, device_type, device):
+    """Continue where a checkpoint stopped: optimizer state, fp16's loss scale, data position, random generators.
+    Returns the step to start from and the last validation loss (0 and None for a fresh start)."""
     if ckpt is None:
         return 0, None
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except (KeyError, ValueError, RuntimeError) as e:
         raise UserError(f"--resume: the checkpoint does not fit this model ({one_line(e)})") from e
+    if scaler.is_enabled() and ckpt.get("scaler"):  # a run in another dtype saved no scale: fp16 starts afresh
+        scaler.load_state_dict(ckpt["scaler"])
     train_loader.load_state_dict(ckpt["loader"])
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if device_type == "cuda" and "cuda" in ckpt["rng"]:
@@ -450,7 +668,7 @@ def restore_training_state(ckpt, optimizer, train_loader, device_type, device):
 
 
 # -----------------------------------------------------------------------------
-# 7. The run's folder
+# 8. The run's folder
 
 
 class RunFolder:
@@ -462,6 +680,9 @@ class RunFolder:
         self.s, self.master_process = s, master_process
         self.log_file = os.path.join(s.log_dir, "log.txt")
         if master_process:
+            if s.overwrite:  # allowed by decide_settings: delete the old run's files, now that this one starts
+                for path in run_files(s.log_dir):
+                    os.remove(path)
             os.makedirs(s.log_dir, exist_ok=True)
             if not resumed:
                 open(self.log_file, "w").close()
@@ -485,7 +706,7 @@ class RunFolder:
 
 
 # -----------------------------------------------------------------------------
-# 8. MFU: model FLOPs utilisation (PaLM paper, appendix B), the FLOPs the model needs per second as a fraction of
+# 9. MFU: model FLOPs utilisation (PaLM paper, appendix B), the FLOPs the model needs per second as a fraction of
 # what the hardware can do. It counts the model's arithmetic, not the GPU's (recomputation or padding don't count).
 
 # bf16 dense peaks (no sparsity) from NVIDIA's datasheets, FLOP/s; the first name found in the device name wins
@@ -517,7 +738,7 @@ def format_mfu(flops_per_second, peak_flops):
 
 
 # -----------------------------------------------------------------------------
-# 9. Stopping: Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption) only sets a flag; the current step finishes,
+# 10. Stopping: Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption) only sets a flag; the current step finishes,
 # a checkpoint is written, and the run exits with 128 + the signal's number. A second Ctrl-C stops at once.
 
 

@@ -1,29 +1,17 @@
 """
-Reproduce GPT-2 (124M) from scratch, in one file you can read top to bottom alongside the lecture
-"Let's reproduce GPT-2 (124M)". The sections come in the order the lecture builds them:
-
-  1. The GPT-2 model     GPTConfig, CausalSelfAttention, MLP, Block, GPT (with from_pretrained and
-                         configure_optimizers)
-  2. Sampling            top-k sampling with a seeded generator
-  3. Data                DataLoaderLite over Tiny Shakespeare or FineWeb-Edu shards
-  4. Learning rate       get_lr: linear warmup, then cosine decay
-  5. The training script DDP and device, the settings, batch and gradient accumulation, data, TF32, the
-                         model, torch.compile, DDP, bf16, the optimizer, then the loop: validation,
-                         HellaSwag, samples, checkpoints, one optimizer step
+Reproduce GPT-2 (124M) from scratch, in one file you can read top to bottom alongside the lecture "Let's
+reproduce GPT-2 (124M)", in the order it builds things: 1. the model (GPTConfig, CausalSelfAttention, MLP, Block,
+GPT with from_pretrained and configure_optimizers), 2. sampling, 3. DataLoaderLite, 4. get_lr, 5. the training
+script: DDP and the device, the settings, gradient accumulation, the data, TF32, the model, bf16, torch.compile,
+DDP, the optimizer, then the loop: validation, HellaSwag, samples, checkpoints, one optimizer step.
 
 What runs is what you read: `python train_gpt2.py` trains with GPT.forward as written here, on every device.
-Where this file differs from the lecture on purpose, a comment that starts with "lecture" and a colon says what
-the lecture did and why; grep for that comment to list every difference.
+Each deliberate difference from the lecture has a comment that starts with "lecture" and a colon: grep for it.
+What a run needs beyond the lecture lives beside this file, called by name: run_support.py, model_commands.py
+(--sample, --eval, --export_hf), checkpoints.py, common.py, and chunked_loss.py (an opt-in speed-up).
 
-What a real run needs beyond the lecture lives beside this file, called by name: run_support.py (flag checks
-and presets, rank 0's decisions, exact resume, Ctrl-C and SIGTERM, MFU), model_commands.py (--sample,
---export_hf), common.py (one-line errors, downloads, the tokenizer) and chunked_loss.py (an opt-in speed-up).
-
-Run it:
   python train_gpt2.py                                    # picks a run for this machine and says why
   torchrun --standalone --nproc_per_node=8 train_gpt2.py  # 8 GPUs on one node
-
-Importing this file only defines things: the work happens in main().
 """
 
 import math
@@ -44,7 +32,7 @@ import model_commands
 import run_support as rs
 from checkpoints import load_hf_gpt2
 from chunked_loss import ChunkedLossGPT
-from common import UserError, find_shards, get_tokenizer, load_shard
+from common import GPT2_VOCAB_SIZE, UserError, find_shards, get_tokenizer, load_shard
 
 # -----------------------------------------------------------------------------
 # 1. The GPT-2 model
@@ -233,16 +221,21 @@ class GPT(nn.Module):
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, top_k=50, generator=None):
+def generate(model, idx, max_new_tokens, top_k=50, generator=None, temperature=1.0):
     """Continue the token ids idx (B, T) by max_new_tokens tokens each, with top-k sampling: at every step only
     the k most likely next tokens can be drawn (k=50 as in Hugging Face's default pipeline), which keeps samples
-    from wandering into the long tail of unlikely tokens. top_k=1 is greedy decoding."""
+    from wandering into the long tail of unlikely tokens. top_k=1 is greedy decoding, and so is a temperature
+    near 0 (below 1 sharpens the distribution, above 1 flattens it)."""
     was_training = model.training
     model.eval()
     for _ in range(max_new_tokens):
         idx_cond = idx[:, -model.config.block_size:]  # (B, <=block_size): the model sees at most block_size tokens
         logits, _ = model(idx_cond)  # (B, T, V)
         logits = logits[:, -1, :].float()  # (B, V): only the last position predicts the next token
+        # lecture: draws from all V rows; the rows past GPT-2's 50257 tokens (a vocab_size padded to 50304) are
+        # no token at all, and early in training one can win: masked, so no sample ever holds one
+        logits[:, GPT2_VOCAB_SIZE:] = -float("inf")
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # the largest is 0: safe near 0
         probs = F.softmax(logits, dim=-1)  # (B, V)
         topk_probs, topk_idx = torch.topk(probs, min(top_k, probs.size(-1)), dim=-1)  # (B, k), (B, k)
         choice = torch.multinomial(topk_probs, 1, generator=generator)  # (B, 1), index into the top k
@@ -252,7 +245,8 @@ def generate(model, idx, max_new_tokens, top_k=50, generator=None):
     return idx
 
 
-def sample(model, prompt, num_return_sequences=4, max_length=32, top_k=50, seed=42, device=None, enc=None):
+def sample(model, prompt, num_return_sequences=4, max_length=32, top_k=50, seed=42, device=None, enc=None,
+           temperature=1.0):
     """Continue a prompt (a string, or a list of token ids) into num_return_sequences sequences of at most
     max_length tokens (prompt included). The same seed gives the same tokens on the same device.
     Returns the token lists, and their decoded texts when the prompt was text (or enc is given)."""
@@ -264,7 +258,7 @@ def sample(model, prompt, num_return_sequences=4, max_length=32, top_k=50, seed=
     idx = tokens.unsqueeze(0).repeat(num_return_sequences, 1)  # (num_return_sequences, len(prompt))
     # the generator lives on the model's device, so sampling never touches the global random state
     generator = torch.Generator(device=device).manual_seed(seed)
-    out = generate(model, idx, max(0, max_length - len(prompt)), top_k=top_k, generator=generator)
+    out = generate(model, idx, max(0, max_length - len(prompt)), top_k, generator, temperature)
     token_lists = out.tolist()
     return token_lists, [enc.decode(t) for t in token_lists] if enc is not None else None
 
@@ -319,11 +313,11 @@ class DataLoaderLite:
     def reset(self):
         self.chunk = self.process_rank  # this process's first chunk
 
-    def state_dict(self):
-        return {"chunk": self.chunk - self.process_rank}  # the same number on every process
+    def state_dict(self):  # the tokens before this process group's next chunk: the same on every process
+        return {"position": (self.chunk - self.process_rank) * self.B * self.T}
 
-    def load_state_dict(self, state):
-        self.chunk = state["chunk"] + self.process_rank
+    def load_state_dict(self, state):  # also with another micro-batch: a step reads the same tokens whatever B is
+        self.chunk = state["position"] // (self.B * self.T) + self.process_rank
 
     def shard_order(self, epoch):
         """Pass 0 reads the shards in name order; later passes in a seeded random order."""
@@ -426,11 +420,8 @@ def train(args):
         # NCCL talks GPU to GPU (NVLink, InfiniBand); gloo runs on CPUs, so 2 processes also work on a laptop
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
         reasons.append(f"ddp: {ddp_world_size} processes, backend {dist.get_backend()}")
-    # lecture: bf16 autocast everywhere; here bf16 where the GPU has it, fp32 elsewhere (rs.pick_dtype says why)
-    dtype = rs.pick_dtype(device_type, reasons)
-
     # lecture: every process runs with the values written in the script; here rank 0 fills the flags left
-    # unset (a preset for this machine and data, the checkpoint to resume) and every process follows it
+    # unset (a preset for this machine and data, the dtype, the checkpoint to resume) and every process follows
     s, resume_path = rs.decide_settings(args, GPT2_124M_FINEWEB, device_type, ddp_world_size, reasons)
     torch.manual_seed(s.seed)  # the same initial weights on every process
     if device_type == "cuda":
@@ -450,17 +441,6 @@ def train(args):
                 rs.load_hellaswag_examples(s), rs.load_resume_checkpoint(s, resume_path))
 
     train_loader, val_loader, hella_examples, checkpoint = rs.on_every_node(load_data)
-    # micro-batches per validation: --val_tokens of them, at most the whole val split, at least one
-    val_chunks = max(1, min(s.val_tokens // (B * T), (val_loader.total - 1) // (B * T)))
-    for line in reasons:
-        print0(line)
-    print0("settings: " + " ".join(f"--{k} {v}" for k, v in vars(s).items()))
-    print0(f"data: {s.data}: {train_loader.total:,} train tokens in {len(train_loader.shards)} shard(s), "
-           f"{val_loader.total:,} val tokens; val loss over {val_chunks} micro-batches ({val_chunks * B * T:,} tokens)")
-    print0(f"batch: {total_batch_size:,} tokens per step = {B} x {T} tokens x {grad_accum_steps} accumulation "
-           f"steps x {ddp_world_size} processes")
-    if hella_examples:
-        print0(f"hellaswag: {len(hella_examples):,} val examples every {s.hellaswag_every} steps")
 
     # Speed-up (TF32): fp32 matmuls may use the tensor cores' TF32 (10-bit mantissa; 8x the fp32 peak on the
     # A100 datasheet). Whatever bf16 autocast leaves in fp32 gets faster too.
@@ -478,34 +458,50 @@ def train(args):
     # lecture: raw_model = model.module after the DDP wrap, the compiled model; here the plain module, before
     # compile and DDP: sampling, evaluation and state_dict use it (no recompiles, no key prefixes)
     raw_model = model
-    print0(f"model: {raw_model.config} with {sum(p.numel() for p in raw_model.parameters()):,} parameters")
     if s.chunked_loss:
         model = ChunkedLossGPT(model)  # opt-in speed-up: the same loss without the (B*T, V) logits (chunked_loss.py)
+    # Speed-up (bf16): autocast runs matmuls in bfloat16 on the tensor cores (twice TF32's datasheet peak), while
+    # weights, optimizer state and the reductions that need range (softmax, LayerNorm, loss) stay in fp32.
+    # GPUs without bf16 (T4, V100) run the same in float16, with the gradient scaler of the step below.
+    def autocast():  # lecture: `with torch.autocast(device_type=device_type, dtype=torch.bfloat16)` at each use
+        return torch.autocast(device_type, dtype=getattr(torch, s.dtype), enabled=s.dtype != "float32")
+
+    # lecture: B = 64, what fits in an 80 GB GPU; here the largest micro-batch that fits on every process, found
+    # now with one forward and backward pass (a preset's shrinks; gradient accumulation keeps the step's tokens)
+    B = rs.fit_batch_to_memory(model, s, device, autocast, ddp_world_size, args.batch_size is None, reasons)
+    grad_accum_steps = total_batch_size // (B * T * ddp_world_size)
+    train_loader.B = val_loader.B = B
+    # micro-batches per validation: --val_tokens of them, at most the whole val split, at least one
+    val_chunks = max(1, min(s.val_tokens // (B * T), (val_loader.total - 1) // (B * T)))
+    rs.print_run(print0, reasons, s, raw_model, train_loader, val_loader, val_chunks, hella_examples)
+    print0(f"batch: {total_batch_size:,} tokens per step = {B} x {T} tokens x {grad_accum_steps} accumulation "
+           f"steps x {ddp_world_size} processes")
     if s.compile:
         # Speed-up: torch.compile fuses the elementwise work (GELU, LayerNorm, residual adds) into few kernels and
         # cuts Python overhead, for a compilation during the first step (2-core CPU, bf16: 1020 -> 633 ms per step,
         # docs/benchmarks.md; `python bench.py --ladder` measures it on a GPU).
-        # lecture: off (use_compile = False), as it broke HellaSwag and sampling; those use raw_model here
-        model = torch.compile(model)
+        # lecture: off (use_compile = False), as it broke HellaSwag and sampling; those use raw_model here. And
+        # compiling is tried now: where it fails (no C++ compiler, no Triton) the run goes on without it
+        model = rs.compiled_if_it_works(torch.compile(model), model, B, T, device, autocast, print0)
     if ddp:
         # DDP all-reduces (averages) the gradients across processes during backward
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
-    # Speed-up (bf16): autocast runs matmuls in bfloat16 on the tensor cores (twice TF32's datasheet peak), while
-    # weights, optimizer state and the reductions that need range (softmax, LayerNorm, loss) stay in fp32.
-    def autocast():  # lecture: `with torch.autocast(device_type=device_type, dtype=torch.bfloat16)` at each use
-        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
     # --- the optimizer, and what a resumed run continues from ---
     optimizer = raw_model.configure_optimizers(weight_decay=s.weight_decay, learning_rate=s.max_lr,
                                                device_type=device_type, log=print0)
-    start_step, val_loss = rs.restore_training_state(checkpoint, optimizer, train_loader, device_type, device)
+    # lecture: bf16, which needs no scaler. fp16 does: the loss is multiplied before backward so that small
+    # gradients do not underflow to 0 in fp16's 5-bit exponent, the gradients are divided back before the clip,
+    # and a step whose gradients overflowed is skipped (the scale then halves). Off for bf16 and fp32: no-ops.
+    scaler = torch.amp.GradScaler(device_type, enabled=s.dtype == "float16")
+    start_step, val_loss = rs.restore_training_state(checkpoint, optimizer, scaler, train_loader, device_type, device)
     resumed = checkpoint is not None
     del checkpoint  # its weights and optimizer state are in the model and optimizer now: free the copy
     if resumed:
         print0(f"resumed from step {start_step}")
     # lecture: makes log/ and empties log/log.txt; here log.txt, config.json and the checkpoints of --log_dir
     run_folder = rs.RunFolder(s, master_process, resumed=resumed,
-                              config={"why": reasons, "world_size": ddp_world_size, "device": device, "dtype": dtype,
+                              config={"why": reasons, "world_size": ddp_world_size, "device": device,
                                       "grad_accum_steps": grad_accum_steps})
     peak_flops = rs.gpu_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None  # MFU
     flops_per_step = rs.flops_per_token(raw_model.config, T) * total_batch_size
@@ -517,6 +513,7 @@ def train(args):
     # A resumed run's first step was evaluated before its checkpoint was saved.
     t_start = time.time()
     stop = rs.StopRequest()  # lecture: none; Ctrl-C or SIGTERM here finishes the step, saves, exits
+    divergence = rs.DivergenceCheck(scaler)  # lecture: none; a NaN stops the run, fp16's skipped steps do not
     for step in range(start_step, s.max_steps + 1):
         last_step = step == s.max_steps
         evaluate_now = step > start_step or not resumed
@@ -546,7 +543,7 @@ def train(args):
         if evaluate_now and hella_examples and (step % s.hellaswag_every == 0 or last_step):
             _, num_correct_norm, num_total = hellaswag.evaluate(
                 raw_model, hella_examples[ddp_rank::ddp_world_size], device, batch_size=s.hellaswag_batch_size,
-                autocast_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+                autocast_dtype=getattr(torch, s.dtype))
             counts = torch.tensor([num_correct_norm, num_total], device=device)
             if ddp:
                 dist.all_reduce(counts)
@@ -556,8 +553,9 @@ def train(args):
 
         # samples from the model as it is now; lecture: on every process, each with its own seed 42 + rank
         if evaluate_now and master_process and s.sample_every > 0 and ((step > 0 and step % s.sample_every == 0) or last_step):
-            _, texts = sample(raw_model, "Hello, I'm a language model,", num_return_sequences=4, max_length=32,
-                              seed=42, device=device)
+            with autocast():
+                _, texts = sample(raw_model, "Hello, I'm a language model,", num_return_sequences=4, max_length=32,
+                                  seed=42, device=device)
             for i, text in enumerate(texts):
                 print0(f"sample {i}: {text}")
 
@@ -573,9 +571,10 @@ def train(args):
                 "step": step,  # the number of optimizer steps done: a resumed run continues with this step
                 "val_loss": val_loss,
                 "optimizer": optimizer.state_dict(),  # AdamW's moments and step counts
+                "scaler": scaler.state_dict(),  # fp16's loss scale (empty for bf16 and fp32)
                 "loader": train_loader.state_dict(),  # where in the data the next step starts
                 "rng": rs.rng_state(device_type, device),
-                "settings": rs.math_settings(s),  # a resumed run must do the same math
+                "settings": vars(s),  # a resumed run must do the same math; --eval reruns its validation
             })
         if last_step:
             break
@@ -601,30 +600,31 @@ def train(args):
             # of micro-steps, so that the sum of the gradients is the gradient of the mean over the whole batch.
             loss = loss / grad_accum_steps
             loss_accum += loss.detach()
-            loss.backward()
+            scaler.scale(loss).backward()  # lecture: loss.backward(); the same unless fp16
         # lecture: all_reduce(loss_accum, op=AVG); here one all-reduce carries the loss (summed, divided below)
         # and whether any process was asked to stop, so that all of them stop at the same step
         loss_and_stop = torch.stack([loss_accum, stop.flag(device)])
         if ddp:
             dist.all_reduce(loss_and_stop)
         # Clip the global gradient norm at 1.0 (GPT-3 paper, appendix B): a rare bad batch cannot blow up the model
+        scaler.unscale_(optimizer)  # fp16: the clip sees the true gradients
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
         lr = get_lr(step, s.max_lr, s.min_lr, s.warmup_steps, s.max_steps)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr
-        optimizer.step()
+        scaler.step(optimizer)  # optimizer.step(), unless fp16 gradients overflowed
+        scaler.update()
         # lecture: torch.cuda.synchronize(), then .item() twice; here one read-back from the device, after all
         # the step's work was queued
         loss_sum, stop_votes, norm = torch.cat([loss_and_stop, norm[None]]).tolist()
         dt = time.perf_counter() - t0
         loss = loss_sum / ddp_world_size
-        if not math.isfinite(loss) or not math.isfinite(norm):  # lecture: none; NaN weights must never be saved
-            what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {norm}"
-            raise rs.TrainingDiverged(f"step {step}: {what}; stopping, the last good checkpoint is kept")
+        skipped = divergence.check(step, loss, norm)  # True: an fp16 step the scaler skipped
         stop.vote(stop_votes)
         mfu = rs.format_mfu(flops_per_step / dt / ddp_world_size, peak_flops)  # per GPU, against its peak
         print0(f"step {step:5d} | loss: {loss:.6f} | lr {lr:.4e} | norm: {norm:.4f} | dt: {dt * 1000:.2f}ms | "
-               f"tok/sec: {total_batch_size / dt:.2f} | mfu: {mfu}")  # lecture: no MFU
+               f"tok/sec: {total_batch_size / dt:.2f} | mfu: {mfu}"  # lecture: no MFU
+               + (f" | skipped: fp16 gradients overflowed, loss scale now {scaler.get_scale():g}" if skipped else ""))
         run_folder.log(f"{step} train {loss:.6f}")
 
     peak_memory = torch.cuda.max_memory_allocated(device) if device_type == "cuda" else None
@@ -635,11 +635,11 @@ def train(args):
 
 
 def main(argv=None):
-    """Train (the default), or with --sample / --export_hf use a trained model. A user's mistake is one line
-    'error: ...' on stderr and exit status 2; a diverged run exits with 1."""
+    """Train (the default), or with --sample / --eval / --export_hf use a trained model. A user's mistake is one
+    line 'error: ...' on stderr and exit status 2; a diverged run exits with 1."""
     args = rs.build_parser(GPT2_124M_FINEWEB).parse_args(argv)
-    if args.sample is not None or args.export_hf is not None:
-        return model_commands.run(args, GPT, GPTConfig, sample)
+    if args.sample is not None or args.eval is not None or args.export_hf is not None:
+        return model_commands.run(args, GPT, GPTConfig, sample, DataLoaderLite, GPT2_124M_FINEWEB)
     return rs.run_to_exit_status(train, args)
 
 

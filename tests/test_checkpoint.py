@@ -159,7 +159,9 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, sha
         logits, loss = real_forward(self, idx, targets)
         if self.training and targets is not None:
             calls["n"] += 1
-            if calls["n"] == 9:  # 2 micro-steps per step: the 9th training forward is step 4
+            # one trial of the micro-batch before the first step, then 2 micro-steps per step: the 10th
+            # training forward is step 4's first
+            if calls["n"] == 10:
                 loss = loss * float("nan")
         return logits, loss
 
@@ -233,7 +235,8 @@ ABSENT_GPU = "mps" if torch.cuda.is_available() else "cuda"
 def test_bad_input_is_one_line_and_exit_2_and_touches_nothing(tmp_path, shakespeare, existing_run, capsys):
     before = snapshot(existing_run)
     for name, (args, message) in bad_inputs(tmp_path, shakespeare).items():
-        argv = [*RUN, "--max_steps", "3", "--log_dir", str(existing_run), *args]
+        # --overwrite: bad input must be found before it deletes anything of the run in the folder
+        argv = [*RUN, "--max_steps", "3", "--log_dir", str(existing_run), "--overwrite", *args]
         assert train_gpt2.main(argv) == 2, name
         out = capsys.readouterr()
         lines = out.err.strip().splitlines()

@@ -14,7 +14,7 @@ from conftest import DATA, ROOT
 import gpu_check
 
 HELLASWAG = os.path.join(DATA, "hellaswag_val_cleaned.jsonl")
-CHECKS = ("learning", "compile", "table", "ddp", "eval")
+CHECKS = ("learning", "compile", "table", "ddp", "eval", "fp16")
 
 
 def run(*args, timeout=120):
@@ -31,7 +31,7 @@ def test_dry_run_passes_every_check(tmp_path):
     for name in CHECKS:
         assert any(line.startswith(f"PASS {name}: ") for line in lines), r.stdout
     assert not any(line.startswith("FAIL") for line in lines), r.stdout
-    assert re.fullmatch(r"summary: 5 of 5 checks passed in \d+\.\d s", lines[-1]), r.stdout
+    assert re.fullmatch(r"summary: 6 of 6 checks passed in \d+\.\d s", lines[-1]), r.stdout
     # the raw output holds every command with its output and exit status, and the verdicts
     raw = out_file.read_text()
     assert "$ python train_gpt2.py --device cpu" in raw
@@ -100,6 +100,32 @@ def test_learning_verdict():
     assert not gpu_check.judge_learning(output, log.replace("49 train", "48 trian"), steps=50, dry=False).ok
     assert gpu_check.judge_learning(*learning_run(mfu="-", last_loss=10.5, steps=10), steps=10, dry=True).ok
     assert not gpu_check.judge_learning(*learning_run(last_loss=10.95, steps=10), steps=10, dry=True).ok
+    # a GPU without bf16: the run must use float16, which train_gpt2.py picks there
+    output, log = learning_run()
+    fp16 = output.replace("dtype: bfloat16 autocast", "dtype: float16 autocast with a gradient scaler")
+    assert gpu_check.judge_learning(fp16, log, steps=50, dry=False, dtype="float16").ok
+    assert not gpu_check.judge_learning(output, log, steps=50, dry=False, dtype="float16").ok
+
+
+def fp16_runs(steps=20, skipped=2, resumed_shift=0.0, last_loss=9.0):
+    losses = [10.95 - (10.95 - last_loss) * s / (steps - 1) for s in range(steps)]
+    output = "\n".join(["dtype: float16 (--dtype)"] + [
+        step_line(s, x) + (" | skipped: fp16 gradients overflowed, loss scale now 32768" if s < skipped else "")
+        for s, x in enumerate(losses)])
+    straight = "\n".join(f"{s} train {x:.6f}" for s, x in enumerate(losses))
+    resumed = "\n".join(f"{s} train {x + resumed_shift:.6f}" for s, x in enumerate(losses) if s >= steps // 2)
+    return output, straight, resumed
+
+
+def test_fp16_verdict():
+    v = gpu_check.judge_fp16(*fp16_runs(), steps=20, atol=1e-3)
+    assert v.ok and "2 step(s) skipped by the scaler" in v.numbers and "max |diff| 0.0e+00" in v.numbers, v
+    assert not gpu_check.judge_fp16(*fp16_runs(resumed_shift=0.01), steps=20, atol=1e-3).ok  # resume not exact
+    assert not gpu_check.judge_fp16(*fp16_runs(skipped=15), steps=20, atol=1e-3).ok  # the scaler keeps skipping
+    assert not gpu_check.judge_fp16(*fp16_runs(last_loss=11.0), steps=20, atol=1e-3).ok  # no learning
+    output, straight, resumed = fp16_runs()
+    assert not gpu_check.judge_fp16(output.replace("float16", "bfloat16"), straight, resumed, 20, 1e-3).ok
+    assert not gpu_check.judge_fp16(output, straight, resumed.rsplit("\n", 1)[0], 20, 1e-3).ok  # a step missing
 
 
 def test_compile_verdict():

@@ -103,9 +103,14 @@ DIFFERENCES = [
     "loss_sum, stop_votes, norm = torch.cat(",  # one read-back per step
     "for step in range(start_step, s.max_steps + 1):",  # one iteration more than steps
     "raw_model = model",  # the uncompiled model
-    "model = torch.compile(model)",  # compile on by default (on CUDA)
+    "model = rs.compiled_if_it_works(torch.compile(model)",  # compile on by default (on CUDA), tried first
+    "B = rs.fit_batch_to_memory(",  # the micro-batch that fits
+    "scaler = torch.amp.GradScaler(",  # fp16's gradient scaler
+    "scaler.scale(loss).backward()",
+    'logits[:, GPT2_VOCAB_SIZE:] = -float("inf")',  # samples never draw a padded row
+    "divergence = rs.DivergenceCheck(",  # NaN stops the run
     "device_type, reasons = rs.pick_device(",  # device choice
-    "dtype = rs.pick_dtype(",  # no bf16 on CPUs
+    "def autocast():",  # the dtype: no bf16 on CPUs, fp16 on GPUs without bf16
     "def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):",  # arguments, not globals
     "model_hf = load_hf_gpt2(model_type)",  # from_pretrained's loading
     "_, num_correct_norm, num_total = hellaswag.evaluate(",  # batched HellaSwag
