@@ -10,6 +10,8 @@ transformers is imported only where a function needs it: it costs seconds, and t
 """
 
 import os
+import pickle
+import zipfile
 
 import torch
 
@@ -47,21 +49,36 @@ def save_checkpoint(path, state):
     """Write to a temporary name, flush it to disk, then rename: a crash or kill -9 at any moment leaves either
     the old files or the complete new one under the final name, never half a checkpoint."""
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)  # atomic on POSIX and Windows
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX and Windows
+    except BaseException:  # a full disk, the folder gone, Ctrl-C: leave no half-written file behind either
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path):
-    """Read a checkpoint without trusting it: tensors and plain values only. Any problem is a one-line UserError."""
+    """Read a checkpoint without trusting it: tensors and plain values only. Any problem is a one-line UserError,
+    in words of its own: torch's message would suggest loading with weights_only=False, which could run code."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a checkpoint file: give a model_NNNNN.pt, or --resume auto with "
+                        f"--log_dir {path} for the newest one there")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path} does not exist")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its index is at the end of the file
+        raise UserError(f"{path} is not a loadable checkpoint: not a file that torch.save writes (or one cut short)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, not a torch file, or a pickle that weights_only refuses to run
-        raise UserError(f"{path} is not a loadable checkpoint ({one_line(e)})") from e
+    except pickle.UnpicklingError as e:  # weights_only met something other than tensors and plain values
+        raise UserError(f"{path} is not a loadable checkpoint: it holds Python objects that a checkpoint of "
+                        f"train_gpt2.py never does, and loading those could run code, so it was not read") from e
+    except Exception as e:  # a zip archive that is not torch's, or damaged: torch raises several kinds of errors
+        raise UserError(f"{path} is not a loadable checkpoint (damaged, or not written by torch.save: "
+                        f"{type(e).__name__})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a checkpoint written by train_gpt2.py")
     return ckpt

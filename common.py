@@ -10,6 +10,7 @@ alone (importing torch would cost each process 2-3 s and 180 MB on a 2-core CPU)
 """
 
 import argparse
+import functools
 import hashlib
 import http.client
 import json
@@ -192,11 +193,37 @@ def get_tokenizer():
     return _tokenizer
 
 
+def encode_prompt(enc, text):
+    """A prompt's tokens: "<|endoftext|>" in it is GPT-2's document separator, and an empty prompt is that token
+    alone, which is how GPT-2 samples without a prompt."""
+    return enc.encode(text, allowed_special={"<|endoftext|>"}) or [enc.eot_token]
+
+
 # -----------------------------------------------------------------------------
 # 4. Shards: what fineweb.py writes, 1-D uint16 .npy files of token ids, the first of them the val shard
 
 FINEWEB_SHARDS = os.path.join(HERE, "edu_fineweb10B")  # where fineweb.py writes by default
 FINEWEB_MANIFEST = "fineweb_manifest.json"  # fineweb.py's record of the shards it finished
+
+
+def text_file_tokens(path):
+    """The GPT-2 tokens of a UTF-8 text file, as a 1-D uint16 array (GPT-2's ids, below 50257, fit). Tokenized
+    once per process and file version (the train and val loaders both ask)."""
+    stat = os.stat(path)
+    return _text_file_tokens(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=2)
+def _text_file_tokens(path, mtime_ns, size):
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"--data {path} is not UTF-8 text (byte {e.start:,} is not UTF-8); pass a UTF-8 text file or "
+                        f"a folder of fineweb.py shards") from e
+    except OSError as e:
+        raise UserError(f"--data {path}: cannot read it ({e.strerror or e})") from e
+    return np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)
 
 
 def find_shards(folder, split):

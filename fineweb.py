@@ -180,13 +180,16 @@ def load_manifest(out, settings):
         if manifest["settings"].get(key) != value:
             raise UserError(f"{out} holds shards made with {key}={manifest['settings'].get(key)!r}, not "
                             f"{value!r}; use another --out or delete that folder")
-    for shard in manifest["shards"]:  # cheap: a memory map reads only the .npy header
+    for shard in manifest["shards"]:  # every token is read once: a shard of the right size can still be damaged
         try:
-            size = np.load(os.path.join(out, shard["name"]), mmap_mode="r").shape
+            tokens = np.load(os.path.join(out, shard["name"]), mmap_mode="r")
+            intact = tokens.shape == (shard["tokens"],) and \
+                hashlib.sha256(np.ascontiguousarray(tokens).data).hexdigest() == shard["sha256"]
         except (OSError, ValueError):
-            size = None
-        if size != (shard["tokens"],):
-            raise UserError(f"shard {shard['name']} in {out} is missing or damaged; delete the folder and rerun")
+            intact = False
+        if not intact:
+            raise UserError(f"shard {shard['name']} in {out} is missing or damaged (its size or its tokens' sha256 "
+                            f"differ from {MANIFEST}); delete the folder and rerun")
     return manifest
 
 
@@ -204,8 +207,11 @@ def open_dataset(args):
     if args.data_files:
         # json: parse 1 MB at a time (default 10 MB) so the workers get their first documents sooner
         extra = {"chunksize": 1 << 20} if args.format == "json" else {}
-        ds = datasets.load_dataset(args.format, data_files={args.split: args.data_files}, split=args.split,
-                                   streaming=True, **extra)
+        try:
+            ds = datasets.load_dataset(args.format, data_files={args.split: args.data_files}, split=args.split,
+                                       streaming=True, **extra)
+        except StopIteration as e:  # datasets reads the first rows to learn the fields: there are none
+            raise UserError(f"--data_files {' '.join(args.data_files)}: no documents in them") from e
     else:
         try:
             ds = datasets.load_dataset(args.dataset, name=args.name, split=args.split, streaming=True)
@@ -231,9 +237,11 @@ def text_batches(ds, args, first_doc):
         except StopIteration:
             return
         except Exception as e:  # a broken connection, a malformed file: report it, keep the finished shards
-            hint = "" if args.data_files else " (this needs the network)"
-            raise outside_failure(f"reading the dataset failed near document {doc}{hint}: {one_line(e)}; "
-                                  f"finished shards are kept, rerun to continue") from e
+            if args.data_files:  # a local file that cannot be read will not read better on a rerun
+                raise UserError(f"--data_files: cannot read the documents near document {doc} ({one_line(e)}); "
+                                f"fix that file (finished shards are kept)") from e
+            raise outside_failure(f"reading the dataset failed near document {doc} (this needs the network): "
+                                  f"{one_line(e)}; finished shards are kept, rerun to continue") from e
         texts = batch.get(args.text_field) or [None]
         bad = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
         if bad is not None:
@@ -294,7 +302,7 @@ class ShardWriter:
         name = f"edufineweb_{'val' if k == 0 else 'train'}_{k:06d}.npy"
         tokens = self.buf[:self.fill]
         write_atomic(os.path.join(self.out, name), lambda f: np.save(f, tokens))
-        self.manifest["shards"].append({"name": name, "tokens": self.fill,
+        self.manifest["shards"].append({"name": name, "tokens": self.fill, "max_token": int(tokens.max()),
                                         "sha256": hashlib.sha256(tokens.data).hexdigest()})  # of the tokens
         self.manifest.update(tokens=self.manifest["tokens"] + self.fill, next_doc=next_doc,
                              next_doc_offset=next_doc_offset)
@@ -307,9 +315,32 @@ class ShardWriter:
 # Main
 # ----------------------------------------------------------------------------------------------------------
 
+def check_out(out):
+    """--out must be a folder, or a path where one can be made, that this process can write to."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file; choose a folder for the shards")
+    path = out
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {path} is not a folder this process can write to")
+
+
+def physical_memory():
+    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
 def run(args):
     settings = {k: getattr(args, k) for k in ("dataset", "name", "split", "data_files", "text_field", "shard_size")}
     out = os.path.abspath(args.out)
+    check_out(out)
+    memory = physical_memory()
+    if memory is not None and 2 * args.shard_size > memory // 2:  # one shard's buffer, 2 bytes a token
+        raise UserError(f"--shard_size {args.shard_size:,} needs {2 * args.shard_size / 2**30:,.1f} GiB for one "
+                        f"shard's buffer, more than half of this machine's {memory / 2**30:.1f} GiB; the default is "
+                        f"{10**8:,} (200 MB)")
     manifest = load_manifest(out, settings)
     done = len(manifest["shards"])
     if manifest["complete"]:
@@ -318,11 +349,17 @@ def run(args):
     if args.max_shards and done >= args.max_shards:
         print(f"{out} already holds {done} shards (--max_shards {args.max_shards}): nothing to do")
         return 0
-    created = not os.path.isdir(out)
-    os.makedirs(out, exist_ok=True)
-    remove_temp_files(out)  # left by a killed run
     get_tokenizer()  # before the workers start: they inherit it, and a missing tokenizer fails early
-    writer = ShardWriter(out, args.shard_size, manifest, args.max_shards)
+    try:
+        writer = ShardWriter(out, args.shard_size, manifest, args.max_shards)
+    except MemoryError as e:
+        raise UserError(f"--shard_size {args.shard_size:,}: no memory for one shard's buffer; use a smaller one") from e
+    created = not os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot make that folder ({e.strerror or e})") from e
+    remove_temp_files(out)  # left by a killed run
     t0, tokens0, docs0 = time.time(), writer.written, writer.doc
     # Workers tokenize while this process reads the dataset and writes shards (so even --workers 1 gets a
     # worker: reading and tokenizing then overlap). A task is a batch of documents and a message to a worker

@@ -97,7 +97,7 @@ class Mode:
         """A train_gpt2.py command line with every setting that matters given, so that no preset decides it."""
         return ["train_gpt2.py", "--device", self.device, "--data", "input.txt", *self.model,
                 "--batch_size", str(self.B), "--seq_len", str(self.T), "--total_batch_size", str(self.B * self.T),
-                "--max_steps", str(max_steps), "--warmup_steps", str(self.warmup), "--max_lr", str(self.max_lr),
+                "--max_steps", str(max_steps), "--warmup_steps", str(min(self.warmup, max_steps)), "--max_lr", str(self.max_lr),
                 "--seed", "1337", compile_flag or self.compile, "--no-chunked_loss", *evaluation,
                 "--sample_every", "0", "--checkpoint_every", "0", "--log_dir", log_dir, *extra]
 

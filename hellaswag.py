@@ -87,10 +87,11 @@ def load_examples(split="val", data_file=None):
             except json.JSONDecodeError:
                 ex = None
             if not (isinstance(ex, dict) and isinstance(ex.get("ctx"), str) and isinstance(ex.get("endings"), list)
-                    and len(ex["endings"]) == 4 and all(isinstance(e, str) for e in ex["endings"])
+                    and len(ex["endings"]) == 4 and all(isinstance(e, str) and e.strip() for e in ex["endings"])
                     and type(ex.get("label")) is int and 0 <= ex["label"] < 4):
                 raise UserError(f"line {line_number} of {data_file} is not a labelled HellaSwag example (a JSON "
-                                f"object with 'ctx', 4 'endings' and a 'label' 0-3; the test split has no labels)")
+                                f"object with 'ctx', 4 non-empty 'endings' and a 'label' 0-3; the test split has no "
+                                f"labels)")
             examples.append(ex)
     if not examples:
         raise UserError(f"{data_file} holds no examples")
@@ -110,7 +111,9 @@ def render_example(example, enc, max_len=None):
     With max_len (the model's block size), a longer row keeps only the newest max_len tokens, as
     train_gpt2.generate does: it loses the oldest context. An ending that leaves no room for a context token
     (possible only with a small block size) also loses its last tokens: only the first max_len - 1 are scored."""
-    ctx_tokens = enc.encode_ordinary(example["ctx"])
+    # An empty context becomes <|endoftext|>, GPT-2's start of a document: every token of an ending is then
+    # predicted from something, and scored (without it the first one could not be, and a one-token ending not at all)
+    ctx_tokens = enc.encode_ordinary(example["ctx"]) or [enc.eot_token]
     rows, masks = [], []
     for ending in example["endings"]:
         ctx, end = ctx_tokens, enc.encode_ordinary(" " + ending)

@@ -13,14 +13,15 @@ run_support.py, hellaswag.py, checkpoints.py, common.py).
 import json
 import math
 import os
+import shutil
 from dataclasses import asdict
 
 import torch
 
 import hellaswag
 from checkpoints import hf_model_from_checkpoint, load_checkpoint
-from common import (FINEWEB_SHARDS, GPT2_VOCAB_SIZE, TINY_SHAKESPEARE, UserError, ensure_tiny_shakespeare,
-                    get_tokenizer, one_line, report_user_errors, tokenizer_file)
+from common import (FINEWEB_SHARDS, GPT2_VOCAB_SIZE, TINY_SHAKESPEARE, UserError, encode_prompt,
+                    ensure_tiny_shakespeare, get_tokenizer, one_line, report_user_errors, tokenizer_file)
 from run_support import pick_device, pick_dtype
 
 
@@ -61,7 +62,7 @@ def sample_command(args, GPT, GPTConfig, sample):
     device, _ = pick_device(args.device, ddp=False)  # --device, or the fastest this machine has
     model = load_model(args.sample, GPT, GPTConfig, device)
     enc = get_tokenizer()
-    max_length = len(enc.encode(args.prompt)) + args.max_new_tokens
+    max_length = len(encode_prompt(enc, args.prompt)) + args.max_new_tokens
     if max_length > model.config.block_size:
         raise UserError(f"prompt + --max_new_tokens = {max_length} tokens, more than the model's block size "
                         f"{model.config.block_size}; ask for fewer tokens")
@@ -132,23 +133,32 @@ def export_hf(args, GPT, GPTConfig):
     model.safetensors and the tokenizer files), loadable by GPT2LMHeadModel.from_pretrained and
     pipeline("text-generation")."""
     checkpoint, out_dir = args.export_hf
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise UserError(f"{out_dir} is a file; choose a new folder to export into")
     if os.path.exists(out_dir) and os.listdir(out_dir):
         raise UserError(f"{out_dir} exists and is not empty; choose a new folder")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot export into {out_dir}: {parent} is not a folder this process can write to")
     model = load_model(checkpoint, GPT, GPTConfig, "cpu")  # checks the checkpoint
     if model.config.vocab_size < GPT2_VOCAB_SIZE:
         raise UserError(f"{checkpoint} has a vocabulary of {model.config.vocab_size}, smaller than GPT-2's "
                         f"{GPT2_VOCAB_SIZE}")
     hf = hf_model_from_checkpoint({"config": asdict(model.config), "model": model.state_dict()}, GPT2_VOCAB_SIZE)
-    tmp = out_dir.rstrip("/\\") + ".tmp"
-    hf.save_pretrained(tmp)  # config.json + model.safetensors
-    for hf_name, ours in (("vocab.json", "encoder.json"), ("merges.txt", "vocab.bpe")):
-        with open(os.path.join(tmp, hf_name), "wb") as f:
-            f.write(tokenizer_file(ours))
-    with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
-        json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": model.config.block_size,
-                   "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
-    if os.path.exists(out_dir):
-        os.rmdir(out_dir)  # empty, checked above
-    os.replace(tmp, out_dir)
+    tmp = out_dir.rstrip("/\\") + ".tmp"  # the export appears under its name only when it is complete
+    try:
+        hf.save_pretrained(tmp)  # config.json + model.safetensors
+        for hf_name, ours in (("vocab.json", "encoder.json"), ("merges.txt", "vocab.bpe")):
+            with open(os.path.join(tmp, hf_name), "wb") as f:
+                f.write(tokenizer_file(ours))
+        with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "GPT2Tokenizer", "model_max_length": model.config.block_size,
+                       "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
+        if os.path.exists(out_dir):
+            os.rmdir(out_dir)  # empty, checked above
+        os.replace(tmp, out_dir)
+    except OSError as e:  # a full disk, a folder that went away
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not export into {out_dir} ({e.strerror or e}); nothing was left there") from e
     print(f"exported {checkpoint} to {out_dir}")
     return 0

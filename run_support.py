@@ -1,18 +1,20 @@
 """
 What a real training run needs beyond the lecture's script, in the order train_gpt2.py's train() uses it:
 
-  1. Exit statuses      run_to_exit_status: 0 done, 1 diverged, 2 a user's mistake (one line), 128+N a signal
+  1. Exit statuses      run_to_exit_status: 0 done, 1 the run failed (diverged, out of memory, a save that
+                        failed, a process that stopped answering), 2 a user's mistake, 128+N a signal: each
+                        one line; DivergenceCheck; restart_safe_store (torchrun's restarts)
   2. The command line   build_parser: every flag, with help
-  3. Device           pick_device
+  3. Device             pick_device
   4. Settings           decide_settings: rank 0 fills the flags left unset (a preset for this machine and data,
                         the dtype, compile), checks every value, fits the micro-batch to the processes, picks
                         the checkpoint to resume, and every process follows
   5. Every node         on_every_node (each node's local rank 0 first; a failure anywhere stops every process
                         with one line), load_resume_checkpoint, load_hellaswag_examples
-  6. Before the first step   fit_batch_to_memory (the largest micro-batch that fits on every process),
+  6. The first step    fit_batch_to_memory (the largest micro-batch that fits on every process),
                         compiled_if_it_works (torch.compile tried on one micro-batch, else run uncompiled)
   7. Resuming           load_weights, restore_training_state, rng_state
-  8. The run's folder   RunFolder: log.txt, config.json and the checkpoints of --log_dir
+  8. The run's folder   RunFolder: log.txt, config.json and the checkpoints of --log_dir, under a FolderLock
   9. MFU                flops_per_token, gpu_peak_flops, format_mfu
  10. Stopping           StopRequest: Ctrl-C or SIGTERM ends the run cleanly, on every process together
 
@@ -20,6 +22,7 @@ Imports flow one way: train_gpt2.py -> run_support.py -> hellaswag.py -> checkpo
 """
 
 import argparse
+import datetime
 import importlib.util
 import json
 import math
@@ -27,14 +30,15 @@ import os
 import signal
 import socket
 import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 from checkpoints import (GPT2_NAMES, checkpoint_path, checkpoint_step, list_checkpoints, load_checkpoint,
                          save_checkpoint)
-from common import (FINEWEB_SHARDS, TINY_SHAKESPEARE, ArgumentParser, UserError, ensure_tiny_shakespeare, one_line,
-                    sha256_of)
+from common import (FINEWEB_MANIFEST, FINEWEB_SHARDS, GPT2_VOCAB_SIZE, TINY_SHAKESPEARE, ArgumentParser, UserError,
+                    ensure_tiny_shakespeare, find_shards, one_line, sha256_of)
 from hellaswag import load_examples as load_hellaswag_file
 
 # -----------------------------------------------------------------------------
@@ -45,41 +49,85 @@ class SharedUserError(UserError):
     """A UserError that every process of a DDP job raises together: each node prints it once (its local rank 0)."""
 
 
-class TrainingDiverged(Exception):
-    """The loss became NaN or infinite: the run stops with exit status 1, the last good checkpoint stays as it is."""
+class RunFailed(Exception):
+    """The run cannot go on (a save failed, another process stopped answering): one line 'error: ...', exit
+    status 1. shared: every process raises it together, and each node prints it once (its local rank 0)."""
+
+    shared = False
+
+
+class TrainingDiverged(RunFailed):
+    """The loss or the weights became NaN or infinite: exit status 1; checkpoints hold finite weights only."""
 
 
 class DivergenceCheck:
-    """Stops a run whose loss or gradient norm is not finite: NaN weights must never be saved. In fp16 a step whose
-    gradients overflowed is normal: the gradient scaler skipped it and scales less from then on. Only MAX_SKIPS
-    of those in a row (the scale halved each time, from 65536 to below 1/16) mean the run diverged."""
+    """Stops a run whose loss or gradient norm is not finite, before NaN weights could be saved; every process sees
+    the same loss and norm, so all stop at the same step. In fp16 a step whose gradients overflowed is normal: the
+    gradient scaler skipped it and scales less from then on. Only MAX_SKIPS of those in a row (the scale halved
+    each time, from 65536 to below 1/16) mean the run diverged."""
 
     MAX_SKIPS = 20
 
-    def __init__(self, scaler):
-        self.scaler, self.skips = scaler, 0
+    def __init__(self, scaler, newest_checkpoint):  # newest_checkpoint: RunFolder's, a phrase naming it
+        self.scaler, self.newest_checkpoint, self.skips = scaler, newest_checkpoint, 0
+
+    def diverged(self, step, what):
+        error = TrainingDiverged(f"step {step}: {what}; stopping. Checkpoints hold finite weights only: "
+                                 f"{self.newest_checkpoint()}")
+        error.shared = True
+        return error
 
     def check(self, step, loss, norm):
         """Raise TrainingDiverged, or return whether the scaler skipped this step."""
         if not math.isfinite(loss):
-            raise TrainingDiverged(f"step {step}: the loss is {loss}; stopping, the last good checkpoint is kept")
+            raise self.diverged(step, f"the loss is {loss}")
         if math.isfinite(norm):
             self.skips = 0
             return False
         if not self.scaler.is_enabled():
-            raise TrainingDiverged(f"step {step}: the gradient norm is {norm}; stopping, the last good checkpoint "
-                                   f"is kept")
+            raise self.diverged(step, f"the gradient norm is {norm}")
         self.skips += 1
         if self.skips >= self.MAX_SKIPS:
-            raise TrainingDiverged(f"step {step}: fp16 gradients overflowed {self.skips} steps in a row (loss scale "
-                                   f"now {self.scaler.get_scale():g}); stopping, the last good checkpoint is kept")
+            raise self.diverged(step, f"fp16 gradients overflowed {self.skips} steps in a row (loss scale now "
+                                      f"{self.scaler.get_scale():g})")
         return True
 
 
+def step_of(error):
+    """The step train() was at when the error was raised (read from its frame), or None during the setup."""
+    tb = error.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == "train" and "step" in tb.tb_frame.f_locals:
+            return tb.tb_frame.f_locals["step"]
+        tb = tb.tb_next
+    return None
+
+
+# What a collective raises when another process is gone: gloo's timeouts ("Timed out waiting 600000ms for recv
+# operation", "Application timeout caused pair closure") and closed connections; NCCL's errors
+PEER_TIMED_OUT = ("timed out", "timeout")  # compared in lower case
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+
+
+def lost_peer_message(error, args):
+    """One line for an error a collective raised because another process stopped answering, or None."""
+    text = str(error)
+    if not dist.is_initialized() or not isinstance(error, RuntimeError):
+        return None
+    step = step_of(error)
+    where = f"at step {step}" if step is not None else "during the setup"
+    if any(m in text for m in PEER_GONE):
+        return f"another process ended {where} (its connection closed): its own output says why"
+    if any(m in text.lower() for m in PEER_TIMED_OUT) or isinstance(error, dist.DistBackendError):
+        return (f"another process stopped answering {where}: no reply within --dist_timeout {args.dist_timeout:g} s "
+                f"(stopped, deadlocked, or its node gone)")
+    return None
+
+
 def run_to_exit_status(train, args):
-    """train(args), with the exit statuses of the command line: 0 done, 1 diverged or out of memory, 2 a user's
-    mistake, 128+N stopped by signal N. DDP processes leave together: none tears its process group down while
-    another uses it."""
+    """train(args), with the exit statuses of the command line: 0 done, 1 diverged, out of memory, a save that
+    failed or another process that stopped answering, 2 a user's mistake, 128+N stopped by signal N, 130 a second
+    Ctrl-C. DDP processes leave together: none tears its process group down while another uses it."""
     try:
         code = train(args)
         if dist.is_initialized():
@@ -89,17 +137,48 @@ def run_to_exit_status(train, args):
         if not isinstance(e, SharedUserError) or int(os.environ.get("LOCAL_RANK", 0)) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
+    except RunFailed as e:
+        if not e.shared or int(os.environ.get("LOCAL_RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 1
     except torch.OutOfMemoryError as e:  # after the micro-batch was fitted: an evaluation, or fragmented memory
         print(f"error: out of memory ({one_line(e)}); lower --batch_size, --hellaswag_batch_size or --val_tokens, "
               f"and continue with --resume auto", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C during the setup, or a second one during a step
+        step = step_of(e)
+        print(f"error: interrupted {f'at step {step}' if step is not None else 'during the setup'} (Ctrl-C); "
+              f"the newest checkpoint is where --resume auto continues", file=sys.stderr)
+        return 130
+    except RuntimeError as e:
+        message = lost_peer_message(e, args)
+        if message is None:
+            raise
+        print(f"error: {message}; the newest checkpoint is where --resume auto continues", file=sys.stderr)
+        return 1
     finally:
         StopRequest.restore_handlers()
+        release_log_dirs()
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def restart_safe_store(args):
+    """torchrun (PyTorch 2.13) keeps one key-value store for the whole job, and each restart of the workers
+    (--max-restarts) writes the same keys to it as the attempt before. A restarted process can then read a dead
+    one's address and fail ("Gloo connectFullMesh failed ... Connection refused") or wait forever: restarts after
+    a SIGKILLed worker failed or hung in 15 of 24 tries on a 2-core Intel Xeon (gloo), and in 0 of 25 with keys
+    of its own per attempt. So init_process_group gets the store with a prefix per attempt; without torchrun's
+    shared store, nothing (the default, env://)."""
+    if not (math.isfinite(args.dist_timeout) and args.dist_timeout > 0):
+        raise SharedUserError(f"--dist_timeout must be a positive number of seconds, got {args.dist_timeout}")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=args.dist_timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dict(store=dist.PrefixStore(f"attempt_{attempt}/", store), rank=int(os.environ["RANK"]),
+                world_size=int(os.environ["WORLD_SIZE"]))
 
 
 # -----------------------------------------------------------------------------
@@ -141,6 +220,9 @@ def build_parser(lecture_run):
     g.add_argument("--seed", type=int, default=1337, help="seed of the weights and of the data order")
     g = p.add_argument_group("hardware")
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto", help="where to train")
+    g.add_argument("--dist_timeout", type=float, default=600,
+                   help="with torchrun: seconds any process waits for the others in a collective before the run "
+                        "stops with one line (a peer stopped, deadlocked, or its node gone)")
     g.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                    help="autocast dtype; auto: bfloat16 on GPUs that have it, float16 with a gradient scaler on CUDA "
                         "GPUs without it (T4, V100, RTX 20xx), float32 on CPUs and MPS")
@@ -235,9 +317,9 @@ PRESETS = {
 
 # the settings that change the math of a run: a resumed run must use the same ones (the micro-batch may differ:
 # a step reads the same tokens whatever it is, see train_gpt2.py's data section; so may the dtype, which only rounds)
-MATH_SETTINGS = ("data", "total_batch_size", "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr",
-                 "weight_decay", "grad_clip", "seed", "n_layer", "n_head", "n_embd", "vocab_size", "block_size",
-                 "init_from")
+# The data is compared by content (data_fingerprint), not by path: the same file given another way is the same data.
+MATH_SETTINGS = ("total_batch_size", "seq_len", "max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay",
+                 "grad_clip", "seed", "n_layer", "n_head", "n_embd", "vocab_size", "block_size", "init_from")
 
 
 def decide_settings(args, lecture_run, device_type, world_size, reasons):
@@ -293,10 +375,17 @@ def decide_settings_here(args, lecture_run, device_type, world_size):
     if filled:
         reasons.append(f"preset: {name} for {', '.join(filled)} (data is "
                        f"{'a shard folder' if os.path.isdir(s.data) else 'a text file'}, device {device_type})")
+    if "warmup_steps" in filled and "max_steps" not in filled and s.warmup_steps > s.max_steps > 0:
+        reasons.append(f"warmup_steps: {s.max_steps} instead of the preset's {s.warmup_steps}, so that the learning "
+                       f"rate reaches --max_lr within --max_steps {s.max_steps}")
+        s.warmup_steps = s.max_steps
     s.dtype = pick_dtype(device_type, s.dtype, reasons)
     if s.compile is None:
         s.compile = compile_by_default(device_type, reasons)
     check_values(s)
+    check_model_fits(s, device_type)
+    if os.path.isdir(s.log_dir):
+        lock_log_dir(s.log_dir)  # a run still going there: one line now (RunFolder takes it if the folder is new)
     check_log_dir_holds_no_other_run(s)
     fit_batch_to_processes(s, world_size, "batch_size" in filled, reasons)
     resume_path = s.resume
@@ -362,6 +451,13 @@ def check_values(s):
     if not s.max_lr > 0 or not 0 <= s.min_lr <= s.max_lr or not s.grad_clip > 0:
         raise UserError(f"need 0 < --max_lr, 0 <= --min_lr <= --max_lr and --grad_clip > 0 "
                         f"(got {s.max_lr}, {s.min_lr}, {s.grad_clip})")
+    if not (math.isfinite(s.dist_timeout) and s.dist_timeout > 0):
+        raise UserError(f"--dist_timeout must be a positive number of seconds, got {s.dist_timeout}")
+    if not 0 <= s.seed < 2**32:
+        raise UserError(f"--seed must be a whole number from 0 to 2**32 - 1, got {s.seed}")
+    if s.warmup_steps > s.max_steps:
+        raise UserError(f"--warmup_steps {s.warmup_steps} is more than --max_steps {s.max_steps}: the learning rate "
+                        f"would never reach --max_lr")
     if s.n_embd % s.n_head != 0:
         raise UserError(f"--n_embd {s.n_embd} must be a multiple of --n_head {s.n_head}")
     if s.seq_len > s.block_size:
@@ -400,6 +496,28 @@ def check_log_dir_holds_no_other_run(s):
         raise UserError(f"--log_dir {s.log_dir} holds another run (log.txt or checkpoints): continue it with --resume "
                         f"auto, choose another --log_dir, or start over with --overwrite (deletes its log and "
                         f"checkpoints)")
+
+
+def check_model_fits(s, device_type):
+    """The model's weights, gradients and AdamW state (16 bytes a parameter, in fp32) must fit in the device's
+    memory before anything is allocated: a --block_size of 10**9 alone would ask for terabytes."""
+    n = s.vocab_size * s.n_embd + s.block_size * s.n_embd + s.n_layer * (12 * s.n_embd**2 + 13 * s.n_embd) \
+        + 2 * s.n_embd
+    have = device_memory(device_type)
+    if have is not None and 16 * n > have:
+        raise UserError(f"the model would have {n:,} parameters: {16 * n / 2**30:,.1f} GiB for its weights, gradients "
+                        f"and AdamW state, more than the {have / 2**30:.1f} GiB of this {device_type.upper()}; lower "
+                        f"--block_size, --n_layer, --n_embd or --vocab_size")
+
+
+def device_memory(device_type):
+    """The memory of the GPU (CUDA) or of the machine (CPU) in bytes, or None where it is not known."""
+    if device_type == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory \
+            if torch.cuda.is_available() else None
+    if device_type == "cpu" and hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
 
 
 def check_log_dir(log_dir):
@@ -496,6 +614,45 @@ def on_every_node(fn):
     return result
 
 
+def read_manifest(folder):
+    """fineweb.py's record of the shards it wrote in folder, or None."""
+    try:
+        with open(os.path.join(folder, FINEWEB_MANIFEST)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def check_token_ids(s, train_loader, val_loader):
+    """Every token id must have a row of the embedding (< vocab_size), or the first forward pass fails: checked
+    before anything is written. A text file's ids are GPT-2's; a shard's largest id is in fineweb.py's manifest
+    (its tokenizer's ids are GPT-2's too), and shards it did not write are read through once."""
+    largest = 0
+    for split, loader in (("train", train_loader), ("val", val_loader)):
+        if not os.path.isdir(s.data):
+            largest = max(largest, int(loader.shards[0].max()))
+            continue
+        listed = {shard["name"]: shard for shard in (read_manifest(s.data) or {}).get("shards", [])}
+        for path, tokens in zip(find_shards(s.data, split), loader.shards):
+            known = listed.get(os.path.basename(path))
+            largest = max(largest, known.get("max_token", GPT2_VOCAB_SIZE - 1) if known else int(tokens.max()))
+    if largest >= s.vocab_size:
+        raise UserError(f"--data {s.data} holds token id {largest:,}, but the model's embedding has --vocab_size "
+                        f"{s.vocab_size:,} rows (ids 0 to {s.vocab_size - 1:,}); use a larger --vocab_size")
+
+
+def data_fingerprint(path):
+    """What identifies the training data, for a resumed run to check that it trains on the same tokens: a text
+    file's sha256; for a shard folder, each shard's name and size, with fineweb.py's sha256 of its tokens when
+    its manifest has them (a shard edited in place without them goes unnoticed: the shards are too large to hash
+    at every start)."""
+    if not os.path.isdir(path):
+        return {"sha256": sha256_of(path)}
+    listed = {shard["name"]: shard.get("sha256") for shard in (read_manifest(path) or {}).get("shards", [])}
+    return {"shards": [[n, os.path.getsize(os.path.join(path, n)), listed.get(n)]
+                       for n in sorted(os.listdir(path)) if n.endswith(".npy")]}
+
+
 def load_resume_checkpoint(s, resume_path):
     """The checkpoint rank 0 chose to resume from, read from this node's disk (None for a fresh start), after
     checking that it does the same math as this run. The data file must be here too."""
@@ -506,11 +663,14 @@ def load_resume_checkpoint(s, resume_path):
     if resume_path is None:
         return None
     ckpt = load_checkpoint(resume_path)
-    saved = ckpt.get("settings", {})
+    saved = {**ckpt.get("config", {}), **ckpt.get("settings", {})}  # the model's shape, then the run's settings
     for k in MATH_SETTINGS:
         if k in saved and saved[k] != getattr(s, k):
             raise UserError(f"--resume {resume_path}: --{k} is {getattr(s, k)!r} but the checkpoint was trained with "
                             f"{saved[k]!r}; use the same value (or start a new run in another --log_dir)")
+    if "data" in ckpt and ckpt["data"] != data_fingerprint(s.data):
+        raise UserError(f"--resume {resume_path}: --data {s.data} is not the data the checkpoint was trained on (its "
+                        f"content changed); resume with that data, or start a new run in another --log_dir")
     return ckpt
 
 
@@ -553,9 +713,8 @@ def memory_of(device):
     if device.startswith("cuda"):
         free, total = torch.cuda.mem_get_info(device)
         return f"{free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB on {torch.cuda.get_device_name(device)}"
-    if hasattr(os, "sysconf") and "SC_PHYS_PAGES" in os.sysconf_names:
-        return f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.1f} GiB of memory"
-    return "this machine's memory"
+    have = device_memory(device)
+    return f"{have / 2**30:.1f} GiB of memory" if have is not None else "this machine's memory"
 
 
 def try_micro_batch(model, B, T, device, autocast):
@@ -671,38 +830,171 @@ def restore_training_state(ckpt, optimizer, scaler, train_loader, device_type, d
 # 8. The run's folder
 
 
-class RunFolder:
-    """The files of a run in --log_dir, written by rank 0 only: config.json (the settings and why they were chosen),
-    log.txt (the lecture's format: '{step} train|val|hella {value}'; a fresh run starts it anew, a resumed run
-    appends), and the checkpoints (model_NNNNN.pt, written atomically; --keep_checkpoints keeps the newest N)."""
+def os_error_in(error):
+    """The OSError behind an error (torch.save meeting a full disk raises a RuntimeError from its zip writer while
+    handling the OSError), or None."""
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
 
-    def __init__(self, s, master_process, resumed, config):
+
+def write_atomically(path, text):
+    """The file is whole or as it was: written under a temporary name, flushed to disk, then renamed."""
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def kept_on_resume(line, step):
+    """A log.txt line a run resumed at `step` keeps: those before it, and the evaluations at it (made before its
+    checkpoint was saved). Lines a failed run wrote after its checkpoint go: the resumed run writes them again."""
+    parts = line.split()
+    if len(parts) != 3 or not parts[0].isdigit():
+        return False  # a line cut short by a killed process: always the last one written, after the checkpoint
+    return int(parts[0]) < step or (int(parts[0]) == step and parts[1] != "train")
+
+
+class FolderLock:
+    """The lock of a --log_dir, held by rank 0 for the whole run, so that a second run into the same folder (a
+    second terminal, a job submitted twice) stops with one line instead of mixing its log and checkpoints with
+    the first's. It is an flock on the file .lock (LockFileEx on Windows): the operating system lets go of it
+    when the process ends, however it ends, so a crashed run never blocks the next one. The file says who holds it."""
+
+    NAME = ".lock"
+
+    def __init__(self, log_dir):
+        self.path = os.path.join(log_dir, self.NAME)
+        self.file = None
+
+    def acquire(self):
+        while True:
+            f = open(self.path, "a+")
+            try:
+                lock_file(f)
+            except OSError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                f.close()
+                raise UserError(f"--log_dir {os.path.dirname(self.path)} is in use by a run that is still going "
+                                f"({holder}); wait for it to end, or choose another --log_dir")
+            if os.path.exists(self.path) and os.path.samestat(os.fstat(f.fileno()), os.stat(self.path)):
+                break
+            f.close()  # the file was deleted by the run that held it, between our open and our lock: again
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        f.flush()
+        self.file = f
+
+    def release(self):
+        if self.file is not None:
+            try:
+                os.remove(self.path)  # before letting go: a run that opens it now finds a new file, or none
+            except OSError:  # the folder went away (or became unwritable) during the run
+                pass
+            self.file.close()
+            self.file = None
+
+
+if os.name == "nt":
+    import msvcrt
+
+    def lock_file(f):
+        f.seek(0)
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+else:
+    import fcntl
+
+    def lock_file(f):
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+held_locks = []  # released when the run ends (run_to_exit_status), however it ends
+
+
+def lock_log_dir(log_dir):
+    """Rank 0 takes the folder's lock: a UserError if a live run holds it."""
+    if any(lock.path == os.path.join(log_dir, FolderLock.NAME) for lock in held_locks):
+        return
+    lock = FolderLock(log_dir)
+    lock.acquire()
+    held_locks.append(lock)
+
+
+def release_log_dirs():
+    while held_locks:
+        held_locks.pop().release()
+
+
+class RunFolder:
+    """The files of a run in --log_dir, written by rank 0 only, which holds the folder's lock (FolderLock):
+    config.json (the settings and why they were chosen), log.txt (the lecture's format: '{step} train|val|hella
+    {value}'; a fresh run starts it anew, a resumed run keeps what came before the step it resumes at), and the
+    checkpoints (model_NNNNN.pt, written atomically; --keep_checkpoints keeps the newest N)."""
+
+    def __init__(self, s, master_process, start_step, resumed, config):
         self.s, self.master_process = s, master_process
         self.log_file = os.path.join(s.log_dir, "log.txt")
-        if master_process:
-            if s.overwrite:  # allowed by decide_settings: delete the old run's files, now that this one starts
-                for path in run_files(s.log_dir):
-                    os.remove(path)
-            os.makedirs(s.log_dir, exist_ok=True)
-            if not resumed:
-                open(self.log_file, "w").close()
-            with open(os.path.join(s.log_dir, "config.json"), "w") as f:
-                json.dump({"settings": vars(s), **config}, f, indent=2)
+        if not master_process:
+            return
+        os.makedirs(s.log_dir, exist_ok=True)
+        lock_log_dir(s.log_dir)
+        if s.overwrite:  # allowed by decide_settings: delete the old run's files, now that this one starts
+            for path in run_files(s.log_dir):
+                os.remove(path)
+        lines = []
+        if resumed and os.path.isfile(self.log_file):
+            with open(self.log_file) as f:
+                lines = [line for line in f.read().splitlines() if kept_on_resume(line, start_step)]
+        write_atomically(self.log_file, "".join(line + "\n" for line in lines))
+        write_atomically(os.path.join(s.log_dir, "config.json"), json.dumps({"settings": vars(s), **config}, indent=2))
 
     def log(self, line):
-        if self.master_process:
-            with open(self.log_file, "a") as f:
-                f.write(line + "\n")
-
-    def save_checkpoint(self, step, checkpoint):
         if not self.master_process:
             return
-        path = checkpoint_path(self.s.log_dir, step)
-        save_checkpoint(path, checkpoint)
-        print(f"saved checkpoint {path}", flush=True)
-        if self.s.keep_checkpoints > 0:
-            for p in list_checkpoints(self.s.log_dir)[:-self.s.keep_checkpoints]:
-                os.remove(p)
+        try:
+            with open(self.log_file, "a") as f:
+                f.write(line + "\n")
+        except OSError as e:
+            raise RunFailed(f"could not write {self.log_file} ({e.strerror or e}); {self.newest_checkpoint()}: "
+                            f"fix the folder, then --resume auto") from e
+
+    def newest_checkpoint(self):
+        """A phrase that names the newest checkpoint of the run, for the messages of a run that stops."""
+        found = list_checkpoints(self.s.log_dir)
+        return f"the newest checkpoint is {found[-1]}" if found else "no checkpoint was saved"
+
+    def save_checkpoint(self, step, checkpoint):
+        """Rank 0 saves (finite weights only); every process learns how that went, so that a save that fails
+        (a full disk, the folder gone) stops them all at once with one line, the previous checkpoint intact."""
+        path, problem = checkpoint_path(self.s.log_dir, step), None
+        if self.master_process:
+            if not all(torch.isfinite(v).all() for v in checkpoint["model"].values()):
+                problem = TrainingDiverged(f"step {step}: the weights are not finite, so they were not saved; "
+                                           f"stopping. Checkpoints hold finite weights only: {self.newest_checkpoint()}")
+            else:
+                try:
+                    save_checkpoint(path, checkpoint)
+                except (OSError, RuntimeError) as e:  # a full disk surfaces from torch.save as a RuntimeError too
+                    e = os_error_in(e)
+                    if e is None:
+                        raise
+                    problem = RunFailed(f"could not save checkpoint {path} ({e.strerror or e}); nothing of it was "
+                                        f"left, {self.newest_checkpoint()}: free space or fix the folder, then "
+                                        f"--resume auto")
+        if dist.is_initialized():
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if problem is not None:
+            problem.shared = True
+            raise problem
+        if self.master_process:
+            print(f"saved checkpoint {path}", flush=True)
+            if self.s.keep_checkpoints > 0:
+                for p in list_checkpoints(self.s.log_dir)[:-self.s.keep_checkpoints]:
+                    os.remove(p)
 
 
 # -----------------------------------------------------------------------------
@@ -753,9 +1045,12 @@ class StopRequest:
             signal.signal(sig, self.handle)
 
     def handle(self, signum, frame):
-        if self.signum is not None:
+        if self.signum is None:
+            self.signum = signum
+        elif signum == signal.SIGINT:  # a second Ctrl-C: stop at once (one line, from run_to_exit_status)
             raise KeyboardInterrupt
-        self.signum = signum
+        # a second SIGTERM changes nothing: a scheduler that signals every process of a job reaches each worker
+        # twice, once itself and once through torchrun
 
     def flag(self, device):
         """1 if this process was asked to stop: summed over the processes with the step's loss, so that they all

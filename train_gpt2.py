@@ -14,6 +14,7 @@ What a run needs beyond the lecture lives beside this file, called by name: run_
   torchrun --standalone --nproc_per_node=8 train_gpt2.py  # 8 GPUs on one node
 """
 
+import datetime
 import math
 import os
 import sys
@@ -32,7 +33,7 @@ import model_commands
 import run_support as rs
 from checkpoints import load_hf_gpt2
 from chunked_loss import ChunkedLossGPT
-from common import GPT2_VOCAB_SIZE, UserError, find_shards, get_tokenizer, load_shard
+from common import GPT2_VOCAB_SIZE, UserError, encode_prompt, find_shards, get_tokenizer, load_shard, text_file_tokens
 
 # -----------------------------------------------------------------------------
 # 1. The GPT-2 model
@@ -247,13 +248,13 @@ def generate(model, idx, max_new_tokens, top_k=50, generator=None, temperature=1
 
 def sample(model, prompt, num_return_sequences=4, max_length=32, top_k=50, seed=42, device=None, enc=None,
            temperature=1.0):
-    """Continue a prompt (a string, or a list of token ids) into num_return_sequences sequences of at most
-    max_length tokens (prompt included). The same seed gives the same tokens on the same device.
-    Returns the token lists, and their decoded texts when the prompt was text (or enc is given)."""
+    """Continue a prompt (a string, or token ids) into num_return_sequences sequences of at most max_length tokens
+    (prompt included); the same seed gives the same tokens on the same device. Returns the token lists, and their
+    texts when the prompt was text (or enc is given)."""
     device = device or next(model.parameters()).device
     if isinstance(prompt, str):
         enc = enc or get_tokenizer()
-        prompt = enc.encode(prompt)
+        prompt = encode_prompt(enc, prompt)  # "" is <|endoftext|> alone, as GPT-2 samples without a prompt
     tokens = torch.tensor(prompt, dtype=torch.long, device=device)
     idx = tokens.unsqueeze(0).repeat(num_return_sequences, 1)  # (num_return_sequences, len(prompt))
     # the generator lives on the model's device, so sampling never touches the global random state
@@ -275,9 +276,7 @@ def sample(model, prompt, num_return_sequences=4, max_length=32, top_k=50, seed=
 
 def load_text_tokens(path, split):
     """Tokenize a text file with GPT-2's tokenizer; the first 90% of its tokens train, the last 10% validate."""
-    with open(path, "r", encoding="utf-8") as f:
-        text = f.read()
-    tokens = np.array(get_tokenizer().encode_ordinary(text), dtype=np.uint16)  # GPT-2 ids < 65536 fit uint16
+    tokens = text_file_tokens(path)  # (N,) uint16: GPT-2's ids fit (common.py; not UTF-8 text: one line)
     n_train = int(0.9 * len(tokens))
     return tokens[:n_train] if split == "train" else tokens[n_train:]
 
@@ -417,8 +416,11 @@ def train(args):
     if ddp:
         if device_type == "cuda":
             torch.cuda.set_device(device)
-        # NCCL talks GPU to GPU (NVLink, InfiniBand); gloo runs on CPUs, so 2 processes also work on a laptop
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+        # NCCL talks GPU to GPU (NVLink, InfiniBand); gloo runs on CPUs, so 2 processes also work on a laptop.
+        # lecture: no timeout (NCCL waits 10 min for a peer, gloo 30) and torchrun's defaults; here --dist_timeout,
+        # and a fresh store per torchrun restart (rs.restart_safe_store says why)
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=args.dist_timeout), **rs.restart_safe_store(args))
         reasons.append(f"ddp: {ddp_world_size} processes, backend {dist.get_backend()}")
     # lecture: every process runs with the values written in the script; here rank 0 fills the flags left
     # unset (a preset for this machine and data, the dtype, the checkpoint to resume) and every process follows
@@ -429,16 +431,14 @@ def train(args):
 
     # --- the batch: 2**19 tokens per optimizer step in the lecture, far more than fits in a GPU at once ---
     total_batch_size = s.total_batch_size
-    B, T = s.batch_size, s.seq_len  # micro-batch per process
-    assert total_batch_size % (B * T * ddp_world_size) == 0  # checked (and B shrunk if needed) in decide_settings
-    # gradient accumulation: each process adds up the gradients of grad_accum_steps micro-batches per step
-    grad_accum_steps = total_batch_size // (B * T * ddp_world_size)
+    B, T = s.batch_size, s.seq_len  # micro-batch per process (B may shrink below, to what fits in memory)
 
     def load_data():  # on every node: a node that cannot read the data or the checkpoint stops the whole job
         get_tokenizer()  # lecture: tiktoken.get_encoding("gpt2"); here from the committed files, no network
-        return (DataLoaderLite(s.data, B, T, ddp_rank, ddp_world_size, "train", s.seed, pin_memory=device_type == "cuda"),
-                DataLoaderLite(s.data, B, T, ddp_rank, ddp_world_size, "val", s.seed),
-                rs.load_hellaswag_examples(s), rs.load_resume_checkpoint(s, resume_path))
+        loaders = (DataLoaderLite(s.data, B, T, ddp_rank, ddp_world_size, "train", s.seed, pin_memory=device_type == "cuda"),
+                   DataLoaderLite(s.data, B, T, ddp_rank, ddp_world_size, "val", s.seed))
+        rs.check_token_ids(s, *loaders)  # now, not at the first forward: every id needs a row of the embedding
+        return (*loaders, rs.load_hellaswag_examples(s), rs.load_resume_checkpoint(s, resume_path))
 
     train_loader, val_loader, hella_examples, checkpoint = rs.on_every_node(load_data)
 
@@ -469,6 +469,8 @@ def train(args):
     # lecture: B = 64, what fits in an 80 GB GPU; here the largest micro-batch that fits on every process, found
     # now with one forward and backward pass (a preset's shrinks; gradient accumulation keeps the step's tokens)
     B = rs.fit_batch_to_memory(model, s, device, autocast, ddp_world_size, args.batch_size is None, reasons)
+    assert total_batch_size % (B * T * ddp_world_size) == 0  # decide_settings and fit_batch_to_memory see to it
+    # gradient accumulation: each process adds up the gradients of grad_accum_steps micro-batches per step
     grad_accum_steps = total_batch_size // (B * T * ddp_world_size)
     train_loader.B = val_loader.B = B
     # micro-batches per validation: --val_tokens of them, at most the whole val split, at least one
@@ -478,10 +480,9 @@ def train(args):
            f"steps x {ddp_world_size} processes")
     if s.compile:
         # Speed-up: torch.compile fuses the elementwise work (GELU, LayerNorm, residual adds) into few kernels and
-        # cuts Python overhead, for a compilation during the first step (2-core CPU, bf16: 1020 -> 633 ms per step,
-        # docs/benchmarks.md; `python bench.py --ladder` measures it on a GPU).
-        # lecture: off (use_compile = False), as it broke HellaSwag and sampling; those use raw_model here. And
-        # compiling is tried now: where it fails (no C++ compiler, no Triton) the run goes on without it
+        # cuts Python overhead (2-core CPU, bf16: 1020 -> 633 ms per step, docs/benchmarks.md).
+        # lecture: off (use_compile = False), as it broke HellaSwag and sampling (they use raw_model here); and here
+        # it is tried on one micro-batch first: where it fails (no C++ compiler, no Triton) the run goes on without
         model = rs.compiled_if_it_works(torch.compile(model), model, B, T, device, autocast, print0)
     if ddp:
         # DDP all-reduces (averages) the gradients across processes during backward
@@ -500,20 +501,20 @@ def train(args):
     if resumed:
         print0(f"resumed from step {start_step}")
     # lecture: makes log/ and empties log/log.txt; here log.txt, config.json and the checkpoints of --log_dir
-    run_folder = rs.RunFolder(s, master_process, resumed=resumed,
+    run_folder = rs.RunFolder(s, master_process, start_step, resumed,
                               config={"why": reasons, "world_size": ddp_world_size, "device": device,
                                       "grad_accum_steps": grad_accum_steps})
     peak_flops = rs.gpu_peak_flops(torch.cuda.get_device_name(device)) if device_type == "cuda" else None  # MFU
     flops_per_step = rs.flops_per_token(raw_model.config, T) * total_batch_size
 
-    # --- the loop: at each step, first the evaluations of the model as it is after `step` optimizer steps, then
-    # one optimizer step. ---
-    # lecture: range(max_steps), evaluating before the update of the last step: the final model went unevaluated.
-    # Here one iteration more than steps: the last one (step == max_steps) only evaluates and saves the final model.
-    # A resumed run's first step was evaluated before its checkpoint was saved.
-    t_start = time.time()
     stop = rs.StopRequest()  # lecture: none; Ctrl-C or SIGTERM here finishes the step, saves, exits
-    divergence = rs.DivergenceCheck(scaler)  # lecture: none; a NaN stops the run, fp16's skipped steps do not
+    divergence = rs.DivergenceCheck(scaler, run_folder.newest_checkpoint)  # lecture: none; a NaN stops the run
+    t_start = time.time()
+
+    # --- the loop: each step first evaluates the model after `step` optimizer steps, then takes one step ---
+    # lecture: range(max_steps), evaluating before the update of the last step: the final model went unevaluated.
+    # Here the last iteration (step == max_steps) only evaluates and saves the final model. A resumed run's first
+    # step was evaluated before its checkpoint was saved.
     for step in range(start_step, s.max_steps + 1):
         last_step = step == s.max_steps
         evaluate_now = step > start_step or not resumed
@@ -575,6 +576,7 @@ def train(args):
                 "loader": train_loader.state_dict(),  # where in the data the next step starts
                 "rng": rs.rng_state(device_type, device),
                 "settings": vars(s),  # a resumed run must do the same math; --eval reruns its validation
+                "data": rs.data_fingerprint(s.data),  # a resumed run checks that its data is this same data
             })
         if last_step:
             break

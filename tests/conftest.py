@@ -1,5 +1,7 @@
 """Shared test set-up: offline settings, paths to ../shared, and a tiny random Hugging Face GPT-2 on disk."""
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -62,3 +64,23 @@ def restore_matmul_precision():
     precision = torch.get_float32_matmul_precision()
     yield
     torch.set_float32_matmul_precision(precision)
+
+
+@pytest.fixture
+def clone(tmp_path):
+    """The project's tracked files (what a `git clone` gets), copied into a new folder."""
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in files.decode().split("\0"):
+        if name and os.path.isfile(os.path.join(ROOT, name)):
+            os.makedirs(os.path.dirname(os.path.join(tmp_path, name)) or tmp_path, exist_ok=True)
+            shutil.copy(os.path.join(ROOT, name), os.path.join(tmp_path, name))
+    return tmp_path
+
+
+def offline_env(tmp_path):
+    """No tiktoken cache, an empty Hugging Face cache, and every download sent to a closed local port."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
+    closed = "http://127.0.0.1:9"  # the discard port: nothing listens there, so a connection fails at once
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), TMPDIR=str(tmp_path),
+               http_proxy=closed, https_proxy=closed, HTTP_PROXY=closed, HTTPS_PROXY=closed, no_proxy="", NO_PROXY="")
+    return env

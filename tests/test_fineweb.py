@@ -314,6 +314,40 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     assert not out.exists()
 
 
+def test_bad_output_input_and_sizes_are_one_line_errors_that_leave_nothing(tmp_path):
+    docs = write_docs(tmp_path / "docs.jsonl", SYNTHETIC[:3])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    not_json = tmp_path / "not.jsonl"
+    not_json.write_text("this is not JSON {\n")
+    for args, message in ((["--data_files", docs, "--out", a_file], "is a file"),
+                          (["--data_files", docs, "--out", a_file / "out"], "is not a folder this process can write"),
+                          (["--data_files", docs, "--out", "/proc/no_shards_here"], "--out /proc/no_shards_here"),
+                          (["--data_files", empty, "--out", tmp_path / "o1"], "no documents in them"),
+                          (["--data_files", docs, "--out", tmp_path / "o2", "--shard_size", 10**13], "needs"),
+                          (["--data_files", not_json, "--out", tmp_path / "o3"], "cannot read the documents")):
+        r = run_fineweb(*args)
+        assert_user_error(r)
+        assert message in r.stderr.strip().splitlines()[-1], r.stderr
+        assert "rerun to continue" not in r.stderr  # a rerun cannot help any of these
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "docs.jsonl", "empty.jsonl", "not.jsonl"]
+
+
+def test_a_damaged_shard_of_the_right_size_is_found(tmp_path):
+    docs = write_docs(tmp_path / "docs.jsonl", SYNTHETIC)
+    out = tmp_path / "out"
+    ok(run_fineweb("--data_files", docs, "--out", out, "--shard_size", 1000))
+    shard = out / "edufineweb_train_000002.npy"
+    tokens = np.load(shard)
+    tokens[500] ^= 1  # one bit of one token: the same size, other tokens
+    np.save(shard, tokens)
+    r = run_fineweb("--data_files", docs, "--out", out, "--shard_size", 1000)
+    assert_user_error(r)
+    assert "edufineweb_train_000002.npy" in r.stderr and "sha256" in r.stderr
+
+
 def test_settings_mismatch_is_refused(tmp_path):
     """Another --shard_size, input or --text_field into a finished folder, or a damaged folder: refused."""
     docs = write_docs(tmp_path / "docs.jsonl", SYNTHETIC)

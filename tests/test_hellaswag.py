@@ -4,6 +4,7 @@ HellaSwag examples come from ../shared/data/hellaswag_val_cleaned.jsonl (which m
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import re
 import subprocess
@@ -97,6 +98,27 @@ def test_render_example_crops_the_oldest_context(enc):
             assert tokens[i].tolist() == (ctx + end)[-10:] and mask[i].tolist() == [0] * (10 - len(end)) + [1] * len(end)
         else:  # an ending too long for the window keeps one context token and its own first 9 tokens
             assert tokens[i].tolist() == ctx[-1:] + end[:9] and mask[i].tolist() == [0] + [1] * 9
+
+
+def test_an_empty_context_scores_every_token_of_the_endings(enc, val_examples):
+    example = {"ctx": "", "label": 0, "endings": ["Hello", "a b c", "x", "two words"]}
+    tokens, mask, _ = hellaswag.render_example(example, enc)
+    for i, ending in enumerate(example["endings"]):
+        end = enc.encode_ordinary(" " + ending)
+        assert tokens[i, 0].item() == enc.eot_token  # <|endoftext|>, GPT-2's start of a document, predicts them
+        assert tokens[i, 1:1 + len(end)].tolist() == end and mask[i, 1:].sum().item() == len(end)
+    torch.manual_seed(0)
+    model = train_gpt2.GPT(train_gpt2.GPTConfig(block_size=32, n_layer=1, n_head=1, n_embd=16))
+    with torch.no_grad():
+        sum_loss, mean_loss = hellaswag.per_ending_losses(model, tokens, mask)
+    assert torch.isfinite(mean_loss).all()  # a one-token ending is scored on its one token, not on none
+
+
+def test_an_empty_ending_is_a_bad_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"ctx": "A man", "label": 0, "endings": ["runs.", "", "sits.", "eats."]}) + "\n")
+    with pytest.raises(common.UserError, match="line 1 .* 4 non-empty 'endings'"):
+        hellaswag.load_examples(data_file=str(path))
 
 
 def test_evaluate_crops_for_a_model_with_a_short_block_size(val_examples):

@@ -8,12 +8,9 @@ import re
 import subprocess
 import sys
 
-import pytest
-
-from conftest import ROOT
+from conftest import ROOT, offline_env
 import run_support
 import train_gpt2
-from test_fresh_clone import clone, offline_env  # noqa: F401  (clone is a fixture)
 from test_train import read_log
 
 PROJECT_MODULES = {os.path.splitext(n)[0] for n in os.listdir(ROOT) if n.endswith(".py")}
@@ -21,34 +18,30 @@ PROJECT_MODULES = {os.path.splitext(n)[0] for n in os.listdir(ROOT) if n.endswit
 
 def run_default(folder, *args):
     """`python train_gpt2.py` as a learner runs it on a laptop (no flags: the CPU preset), cut to 3 steps."""
-    out = subprocess.run([sys.executable, "train_gpt2.py", "--max_steps", "3", "--eval_every", "3",
+    out = subprocess.run([sys.executable, "train_gpt2.py", "--max_steps", "3", "--eval_every", "0",
                           "--sample_every", "0", "--checkpoint_every", "0", *args], cwd=folder,
                          env=offline_env(folder), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout, read_log(os.path.join(folder, args[args.index("--log_dir") + 1], "log.txt"))
 
 
-def test_an_edit_to_gpt_forward_shows_in_the_default_run(clone):
+def test_the_default_run_is_gpt_forward_and_the_chunked_loss_is_opt_in(clone):
     before, original = run_default(clone, "--log_dir", "original")
     assert "--chunked_loss False" in before  # the settings line: the lecture's loss, not the wrapper
+    assert run_support.build_parser(train_gpt2.GPT2_124M_FINEWEB).parse_args([]).chunked_loss is False
+    # --chunked_loss: the same losses, to fp32 rounding (the logits in chunks of rows: other matmul shapes)
+    out_chunked, chunked = run_default(clone, "--log_dir", "chunked", "--chunked_loss")
+    assert "--chunked_loss True" in out_chunked and set(chunked) == set(original) and len(original) == 3
+    for k in original:
+        assert abs(original[k] - chunked[k]) < 1e-5 * abs(original[k]), (k, original[k], chunked[k])
+    # a learner's edit to GPT.forward, sharper logits: the losses of the default run change with it
     source = (clone / "train_gpt2.py").read_text()
     line = "        logits = self.lm_head(x)  # (B, T, C) @ (C, V) -> (B, T, V)"
     assert source.count(line) == 1
-    # a learner's edit: sharper logits. The loss the run logs must change with it.
     (clone / "train_gpt2.py").write_text(source.replace(line, "        logits = 2 * self.lm_head(x)  # edited"))
     _, edited = run_default(clone, "--log_dir", "edited")
     assert set(edited) == set(original)
     assert all(abs(edited[k] - original[k]) > 1e-3 for k in original), (original, edited)
-
-
-def test_chunked_loss_is_opt_in_and_gives_the_same_losses(clone):
-    out, default = run_default(clone, "--log_dir", "default")
-    out_chunked, chunked = run_default(clone, "--log_dir", "chunked", "--chunked_loss")
-    assert "--chunked_loss False" in out and "--chunked_loss True" in out_chunked
-    assert set(default) == set(chunked) and len(default) == 3 + 2  # train 0-2, val 0 and 3
-    for k in default:  # other matmul shapes (chunks of rows): the same losses to fp32 rounding
-        assert abs(default[k] - chunked[k]) < 1e-5 * abs(default[k]), (k, default[k], chunked[k])
-    assert run_support.build_parser(train_gpt2.GPT2_124M_FINEWEB).parse_args([]).chunked_loss is False
 
 
 def test_the_lectures_hyperparameters_are_in_plain_sight():

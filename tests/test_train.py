@@ -176,7 +176,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path, monkeypatch, chunk
     losses = []
     for B in (8, 2, 1):
         log_dir = str(tmp_path / f"log{B}")
-        assert train_gpt2.main(["--data", str(tmp_path), *TINY, "--vocab_size", "1000", "--batch_size", str(B),
+        assert train_gpt2.main(["--data", str(tmp_path), *TINY, "--vocab_size", "5120", "--batch_size", str(B),
                                 "--seq_len", "16", "--total_batch_size", "128", "--max_steps", "1", chunked,
                                 "--grad_clip", "1e9", "--eval_every", "0", "--hellaswag_every", "0",
                                 "--sample_every", "0", "--checkpoint_every", "0", "--log_dir", log_dir]) == 0
