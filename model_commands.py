@@ -101,6 +101,8 @@ def eval_command(args, GPT, GPTConfig, DataLoaderLite, lecture_run):
         raise UserError(f"need positive --seq_len, --batch_size and --val_tokens, and --seq_len at most the model's "
                         f"block size {model.config.block_size}")
 
+    if device_type == "cuda":  # TF32 for fp32 matmuls, as in training
+        torch.set_float32_matmul_precision("high")
     loader = DataLoaderLite(data, B, T, split="val")
     val_chunks = max(1, min(val_tokens // (B * T), (loader.total - 1) // (B * T)))  # as train_gpt2.py counts them
     loss_accum = torch.zeros((), device=device_type)
@@ -121,7 +123,8 @@ def eval_command(args, GPT, GPTConfig, DataLoaderLite, lecture_run):
     examples = hellaswag.load_examples("val", hella_file)
     limit = args.hellaswag_examples or run.get("hellaswag_examples", 0)
     examples = examples[:limit] if limit > 0 else examples
-    num_correct, num_correct_norm, n = hellaswag.evaluate(model, examples, device_type, args.hellaswag_batch_size,
+    num_correct, num_correct_norm, n = hellaswag.evaluate(model, examples, device_type,
+                                                          setting("hellaswag_batch_size", 16),
                                                           autocast_dtype=getattr(torch, dtype))
     print(f"{args.eval}: HellaSwag acc {num_correct / n:.4f} acc_norm {num_correct_norm / n:.4f} over {n} examples "
           f"of {hella_file}")

@@ -9,10 +9,11 @@ What a real training run needs beyond the lecture's script, in the order train_g
   4. Settings           decide_settings: rank 0 fills the flags left unset (a preset for this machine and data,
                         the dtype, compile), checks every value, fits the micro-batch to the processes, picks
                         the checkpoint to resume, and every process follows
-  5. Every node         on_every_node (each node's local rank 0 first; a failure anywhere stops every process
-                        with one line), load_resume_checkpoint, load_hellaswag_examples
-  6. The first step    fit_batch_to_memory (the largest micro-batch that fits on every process),
-                        compiled_if_it_works (torch.compile tried on one micro-batch, else run uncompiled)
+  5. Every node         load_on_every_node (each node's local rank 0 first; a failure anywhere stops every
+                        process with one line), check_token_ids, data_fingerprint, load_resume_checkpoint,
+                        load_hellaswag_examples
+  6. The first step    fit_batch_to_memory (a micro-batch that fits on every process), compile_works
+                        (torch.compile tried on a small function first, else the run goes on uncompiled)
   7. Resuming           load_weights, restore_training_state, rng_state
   8. The run's folder   RunFolder: log.txt, config.json and the checkpoints of --log_dir, under a FolderLock
   9. MFU                flops_per_token, gpu_peak_flops, format_mfu
@@ -34,6 +35,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.nn import functional as F
 
 from checkpoints import (GPT2_NAMES, checkpoint_path, checkpoint_step, list_checkpoints, load_checkpoint,
                          save_checkpoint)
@@ -64,7 +66,7 @@ class DivergenceCheck:
     """Stops a run whose loss or gradient norm is not finite, before NaN weights could be saved; every process sees
     the same loss and norm, so all stop at the same step. In fp16 a step whose gradients overflowed is normal: the
     gradient scaler skipped it and scales less from then on. Only MAX_SKIPS of those in a row (the scale halved
-    each time, from 65536 to below 1/16) mean the run diverged."""
+    each time, from 65536 down to 1/16) mean the run diverged."""
 
     MAX_SKIPS = 20
 
@@ -105,7 +107,7 @@ def step_of(error):
 
 # What a collective raises when another process is gone: gloo's timeouts ("Timed out waiting 600000ms for recv
 # operation", "Application timeout caused pair closure") and closed connections; NCCL's errors
-PEER_TIMED_OUT = ("timed out", "timeout")  # compared in lower case
+PEER_TIMED_OUT = ("timed out", "application timeout")  # compared in lower case
 PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
 
 
@@ -228,7 +230,7 @@ def build_parser(lecture_run):
                         "GPUs without it (T4, V100, RTX 20xx), float32 on CPUs and MPS")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA where Triton is installed, off elsewhere); "
-                        "tried on one micro-batch before training, and if it fails the run goes on without it")
+                        "tried on a small function before training, and if that fails the run goes on without it")
     g.add_argument("--chunked_loss", action=argparse.BooleanOptionalAction, default=False,
                    help="opt-in: train through chunked_loss.ChunkedLossGPT, which computes the output layer and the "
                         "loss in chunks instead of GPT.forward's F.cross_entropy (the same numbers; faster on some "
@@ -237,7 +239,8 @@ def build_parser(lecture_run):
     g.add_argument("--eval_every", type=int, default=None, help="validation loss every N steps (0: never)")
     g.add_argument("--hellaswag_every", type=int, default=None, help="HellaSwag accuracy every N steps (0: never)")
     g.add_argument("--hellaswag_file", default=None, help="a local HellaSwag val jsonl (default: download it once)")
-    g.add_argument("--hellaswag_batch_size", type=int, default=16, help="HellaSwag examples per forward pass")
+    g.add_argument("--hellaswag_batch_size", type=int, default=None,
+                   help="HellaSwag examples per forward pass (default: 16; --eval: the run's)")
     g.add_argument("--hellaswag_examples", type=int, default=0,
                    help="score only the first N HellaSwag val examples (0: all 10,042), for quick runs")
     g.add_argument("--sample_every", type=int, default=None, help="print samples every N steps (0: never)")
@@ -380,6 +383,7 @@ def decide_settings_here(args, lecture_run, device_type, world_size):
                        f"rate reaches --max_lr within --max_steps {s.max_steps}")
         s.warmup_steps = s.max_steps
     s.dtype = pick_dtype(device_type, s.dtype, reasons)
+    s.hellaswag_batch_size = s.hellaswag_batch_size or 16
     if s.compile is None:
         s.compile = compile_by_default(device_type, reasons)
     check_values(s)
@@ -424,8 +428,8 @@ def pick_dtype(device_type, requested, reasons):
 def compile_by_default(device_type, reasons):
     """torch.compile by default only with CUDA, and only where its GPU compiler, Triton, is installed."""
     if device_type != "cuda":
-        why = "a CPU compiles for minutes and gains little; --compile tries it" if device_type == "cpu" else \
-            "torch.compile does not support MPS well enough"
+        why = "compiling on a CPU takes minutes, even for a small model; --compile tries it" \
+            if device_type == "cpu" else "torch.compile does not support MPS well enough"
         reasons.append(f"compile: off ({why})")
         return False
     if importlib.util.find_spec("triton") is None:
@@ -462,6 +466,9 @@ def check_values(s):
         raise UserError(f"--n_embd {s.n_embd} must be a multiple of --n_head {s.n_head}")
     if s.seq_len > s.block_size:
         raise UserError(f"--seq_len {s.seq_len} is longer than the model's block size {s.block_size}")
+    if s.chunked_loss and s.dtype == "float16":  # its gradients are made in the forward pass, before the scaling
+        raise UserError("--chunked_loss does not go with float16: its gradients would underflow in fp16 before the "
+                        "gradient scaler could scale them; use --no-chunked_loss, or --dtype bfloat16/float32")
     if s.hellaswag_every > 0 and s.hellaswag_file is not None and not os.path.isfile(s.hellaswag_file):
         raise UserError(f"--hellaswag_file {s.hellaswag_file} does not exist")
     check_log_dir(s.log_dir)
@@ -596,7 +603,7 @@ def agree_on_errors(error):
             raise SharedUserError(message) if kind == "user" else RuntimeError(message)
 
 
-def on_every_node(fn):
+def load_on_every_node(fn):
     """fn() on every process, each node's local rank 0 first (it does the node's downloads, and the others then
     find the files). If fn fails on any process, every process raises the same one-line error naming that node."""
     if not dist.is_initialized():
@@ -653,9 +660,9 @@ def data_fingerprint(path):
                        for n in sorted(os.listdir(path)) if n.endswith(".npy")]}
 
 
-def load_resume_checkpoint(s, resume_path):
+def load_resume_checkpoint(s, resume_path, data_id):
     """The checkpoint rank 0 chose to resume from, read from this node's disk (None for a fresh start), after
-    checking that it does the same math as this run. The data file must be here too."""
+    checking that it does the same math as this run, on the same data (data_id: data_fingerprint's)."""
     if s.data == TINY_SHAKESPEARE:
         ensure_tiny_shakespeare()
     if not os.path.exists(s.data):
@@ -668,7 +675,7 @@ def load_resume_checkpoint(s, resume_path):
         if k in saved and saved[k] != getattr(s, k):
             raise UserError(f"--resume {resume_path}: --{k} is {getattr(s, k)!r} but the checkpoint was trained with "
                             f"{saved[k]!r}; use the same value (or start a new run in another --log_dir)")
-    if "data" in ckpt and ckpt["data"] != data_fingerprint(s.data):
+    if "data" in ckpt and ckpt["data"] != data_id:
         raise UserError(f"--resume {resume_path}: --data {s.data} is not the data the checkpoint was trained on (its "
                         f"content changed); resume with that data, or start a new run in another --log_dir")
     return ckpt
@@ -717,13 +724,15 @@ def memory_of(device):
     return f"{have / 2**30:.1f} GiB of memory" if have is not None else "this machine's memory"
 
 
-def try_micro_batch(model, B, T, device, autocast):
-    """One forward and backward pass at micro-batch B, with AdamW's state (two fp32 numbers per parameter, made
-    at the first step) held in reserve: True if it all fits in memory. Leaves no gradients behind and draws no
-    random numbers (the tokens are zeros: memory does not depend on their values)."""
+def try_micro_batch(model, B, T, device, autocast, world_size):
+    """One forward and backward pass at micro-batch B, with what the first step adds held in reserve: AdamW's state
+    (two fp32 numbers per parameter) and, with DDP, its gradient buckets (one more): True if it all fits in
+    memory. Leaves no gradients behind and draws no random numbers (zeros: memory does not depend on values)."""
     reserve = x = loss = None
     try:
-        reserve = torch.empty(8 * sum(p.numel() for p in model.parameters()), dtype=torch.uint8, device=device)
+        per_parameter = 12 if world_size > 1 else 8
+        reserve = torch.empty(per_parameter * sum(p.numel() for p in model.parameters()), dtype=torch.uint8,
+                              device=device)
         x = torch.zeros((B, T), dtype=torch.long, device=device)
         with autocast():
             _, loss = model(x, x)
@@ -739,52 +748,56 @@ def try_micro_batch(model, B, T, device, autocast):
 
 
 def fit_batch_to_memory(model, s, device, autocast, world_size, from_preset, reasons):
-    """The largest micro-batch, from s.batch_size down, that fits in memory on every process and still divides
-    total_batch_size: tried with one forward and backward pass before the first step, so that no process runs
-    out of memory in the middle of a step while the others wait for it. A preset's micro-batch shrinks (gradient
-    accumulation keeps the tokens of a step); a --batch_size that does not fit is an error naming one that does."""
+    """A micro-batch that fits in memory on every process and still divides total_batch_size: s.batch_size, or
+    the largest divisor of it at most half as large, halving until one fits; each tried with one forward and
+    backward pass before the first step, so that no process runs out of memory in the middle of a step while the
+    others wait for it. A preset's micro-batch shrinks (gradient accumulation keeps the tokens of a step); a
+    --batch_size that does not fit is an error naming one that does."""
     T = s.seq_len
     divisors = [b for b in range(s.batch_size, 0, -1) if s.total_batch_size % (b * T * world_size) == 0]
     B = s.batch_size
-    while not all_processes_agree(try_micro_batch(model, B, T, device, autocast), device):
+    while not all_processes_agree(try_micro_batch(model, B, T, device, autocast, world_size), device):
         smaller = [b for b in divisors if b <= B // 2]
         if not smaller:
             n = sum(p.numel() for p in model.parameters())
-            raise UserError(f"even a micro-batch of {B} x {T} tokens does not fit in memory on every process: the "
-                            f"model has {n:,} parameters ({16 * n / 2**30:.1f} GiB for its weights, gradients and "
-                            f"AdamW state) and this process has {memory_of(device)}; train a smaller model or use "
-                            f"a larger GPU")
+            raise SharedUserError(
+                f"even a micro-batch of {B} x {T} tokens does not fit in memory on every process: the model has "
+                f"{n:,} parameters ({16 * n / 2**30:.1f} GiB for its weights, gradients and AdamW state) and this "
+                f"process has {memory_of(device)}; train a smaller model or use a larger GPU")
         B = smaller[0]
     if B != s.batch_size:
         if not from_preset:
-            raise UserError(f"--batch_size {s.batch_size} does not fit in memory ({memory_of(device)}) on every "
-                            f"process; --batch_size {B} fits")
+            raise SharedUserError(f"--batch_size {s.batch_size} does not fit in memory ({memory_of(device)}) on "
+                                  f"every process; --batch_size {B} fits")
         reasons.append(f"batch_size: {B} instead of {s.batch_size}, which ran out of memory "
                        f"({memory_of(device)}); gradient accumulation keeps {s.total_batch_size:,} tokens per step")
         s.batch_size = B
     return B
 
 
-def compiled_if_it_works(compiled, model, B, T, device, autocast, log):
-    """torch.compile compiles at the first call; try that now, on one micro-batch of the real shape (the training
-    step then reuses what was compiled). If compiling fails on any process (no C++ compiler for a CPU, no Triton
-    for a GPU, an unsupported Python), every process goes on with the uncompiled model, after one line."""
+def compile_works(device, log):
+    """Whether torch.compile works here: a small function (a matmul, GELU, LayerNorm), forward and backward, is
+    compiled on the device first, which needs what compiling the model needs (a C++ compiler for a CPU, Triton for
+    a GPU, a Python that dynamo supports). If it fails on any process, every process trains uncompiled, after one
+    line. The model itself then compiles at its first step, inside DDP as in the lecture (DDP's compiled graph is
+    split at its gradient buckets, so the all-reduces overlap the backward pass)."""
+    def small(x, w):
+        return F.layer_norm(F.gelu(x @ w, approximate="tanh"), (w.size(1),)).sum()
+
     error = None
     try:
-        x = torch.zeros((B, T), dtype=torch.long, device=device)
-        with autocast():
-            _, loss = compiled(x, x)
-        loss.backward()
+        x = torch.linspace(-1, 1, 8 * 16, device=device).view(8, 16)  # no random numbers drawn
+        w = torch.linspace(-1, 1, 16 * 16, device=device).view(16, 16).requires_grad_()
+        torch.compile(small)(x, w).backward()
     except Exception as e:  # compiling raises many kinds of errors (InductorError, TritonMissing, ...)
         error = e
     finally:
-        model.zero_grad(set_to_none=True)
+        torch.compiler.reset()  # the model compiles afresh: nothing of this small function stays behind
     if all_processes_agree(error is None, device):
-        return compiled
+        return True
     why = f"{type(error).__name__}: {one_line(error)}" if error is not None else "it failed on another process"
     log(f"compile: failed ({why}); training without it (--no-compile skips the attempt)")
-    torch.compiler.reset()
-    return model
+    return False
 
 
 # -----------------------------------------------------------------------------
@@ -798,7 +811,7 @@ def load_weights(model, ckpt):
     try:
         model.load_state_dict(ckpt["model"])
     except (KeyError, ValueError, RuntimeError, TypeError) as e:
-        raise UserError(f"the checkpoint's weights do not fit this model ({one_line(e)})") from e
+        raise SharedUserError(f"the checkpoint's weights do not fit this model ({one_line(e)})") from e
 
 
 def rng_state(device_type, device):
@@ -816,7 +829,7 @@ def restore_training_state(ckpt, optimizer, scaler, train_loader, device_type, d
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except (KeyError, ValueError, RuntimeError) as e:
-        raise UserError(f"--resume: the checkpoint does not fit this model ({one_line(e)})") from e
+        raise SharedUserError(f"--resume: the checkpoint does not fit this model ({one_line(e)})") from e
     if scaler.is_enabled() and ckpt.get("scaler"):  # a run in another dtype saved no scale: fp16 starts afresh
         scaler.load_state_dict(ckpt["scaler"])
     train_loader.load_state_dict(ckpt["loader"])
@@ -874,8 +887,11 @@ class FolderLock:
             try:
                 lock_file(f)
             except OSError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
+                try:
+                    f.seek(0)
+                    holder = f.read().strip() or "another process"
+                except OSError:  # Windows: the holder's lock keeps others from reading it too
+                    holder = "another process"
                 f.close()
                 raise UserError(f"--log_dir {os.path.dirname(self.path)} is in use by a run that is still going "
                                 f"({holder}); wait for it to end, or choose another --log_dir")
@@ -936,10 +952,27 @@ class RunFolder:
     def __init__(self, s, master_process, start_step, resumed, config):
         self.s, self.master_process = s, master_process
         self.log_file = os.path.join(s.log_dir, "log.txt")
-        if not master_process:
-            return
+        problem = None
+        if master_process:  # every process hears how it went: one that fails here stops them all
+            try:
+                self.start(start_step, resumed, config)
+            except UserError as e:
+                problem = SharedUserError(str(e))
+            except OSError as e:  # a full disk, the folder gone, permission lost
+                problem = RunFailed(f"could not write the run's files in {s.log_dir} ({e.strerror or e})")
+                problem.shared = True
+        if dist.is_initialized():
+            box = [problem]
+            dist.broadcast_object_list(box, src=0)
+            problem = box[0]
+        if problem is not None:
+            raise problem
+
+    def start(self, start_step, resumed, config):
+        s = self.s
         os.makedirs(s.log_dir, exist_ok=True)
         lock_log_dir(s.log_dir)
+        check_log_dir_holds_no_other_run(s)  # again, now that the folder is locked: it may be new since
         if s.overwrite:  # allowed by decide_settings: delete the old run's files, now that this one starts
             for path in run_files(s.log_dir):
                 os.remove(path)
@@ -994,7 +1027,10 @@ class RunFolder:
             print(f"saved checkpoint {path}", flush=True)
             if self.s.keep_checkpoints > 0:
                 for p in list_checkpoints(self.s.log_dir)[:-self.s.keep_checkpoints]:
-                    os.remove(p)
+                    try:
+                        os.remove(p)
+                    except OSError as e:  # the run goes on: an old checkpoint left behind costs only disk
+                        print(f"warning: --keep_checkpoints could not delete {p} ({e.strerror or e})", flush=True)
 
 
 # -----------------------------------------------------------------------------

@@ -183,16 +183,15 @@ class GPT(nn.Module):
         sd_hf = {k: v for k, v in model_hf.state_dict().items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
         # OpenAI's checkpoints store these as "Conv1D" weights, the transpose of an nn.Linear's: (in, out)
         transposed = ["attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight"]
-        # lecture: asserts; here an error that names the first key missing on either side, or of another shape
         for missing, side in ((set(sd) - set(sd_hf), "no weight"), (set(sd_hf) - set(sd), "a weight GPT has no place for")):
-            if missing:
-                raise KeyError(f"the Hugging Face checkpoint has {side}: '{sorted(missing)[0]}' ({len(missing)} in all)")
+            if missing:  # lecture: asserts; here one line naming the first key missing on either side
+                raise UserError(f"{model_type} has {side}: '{sorted(missing)[0]}' ({len(missing)} in all)")
         with torch.no_grad():
             for k, v in sd_hf.items():
                 if any(k.endswith(w) for w in transposed):
                     v = v.t()
                 if v.shape != sd[k].shape:
-                    raise ValueError(f"shape mismatch for '{k}': checkpoint {tuple(v.shape)}, model {tuple(sd[k].shape)}")
+                    raise UserError(f"{model_type}: '{k}' is {tuple(v.shape)}, its config makes it {tuple(sd[k].shape)}")
                 sd[k].copy_(v)  # sd[k] shares its memory with the parameter; lm_head and wte are one tensor
         return model
 
@@ -206,9 +205,9 @@ class GPT(nn.Module):
         log(f"optimizer: weight decay on {len(decay)} tensors, {sum(p.numel() for p in decay):,} parameters; "
             f"none on {len(no_decay)} tensors, {sum(p.numel() for p in no_decay):,} parameters")
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        # Speed-up: the fused CUDA kernel updates all parameters in a few launches instead of a loop over tensors
-        # (lecture: first checks that AdamW has `fused`; every PyTorch since 2.0 has). CPUs keep the for-each loop
-        # (docs/benchmarks.md has what the fused kernel measured there).
+        # Speed-up: the fused CUDA kernel updates all parameters in a few launches instead of a loop over tensors.
+        # CPUs keep the for-each loop (docs/benchmarks.md has what the fused kernel measured there).
+        # lecture: first checks that AdamW has `fused`; every PyTorch since 2.0 has it
         if fused is None:
             fused = device_type == "cuda"
         return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused)
@@ -223,10 +222,9 @@ class GPT(nn.Module):
 
 @torch.no_grad()
 def generate(model, idx, max_new_tokens, top_k=50, generator=None, temperature=1.0):
-    """Continue the token ids idx (B, T) by max_new_tokens tokens each, with top-k sampling: at every step only
-    the k most likely next tokens can be drawn (k=50 as in Hugging Face's default pipeline), which keeps samples
-    from wandering into the long tail of unlikely tokens. top_k=1 is greedy decoding, and so is a temperature
-    near 0 (below 1 sharpens the distribution, above 1 flattens it)."""
+    """Continue the token ids idx (B, T) by max_new_tokens tokens each, with top-k sampling: only the k most likely
+    next tokens can be drawn (k=50 as in Hugging Face's pipeline), so samples stay out of the long tail of unlikely
+    tokens. top_k=1 is greedy, and so is a temperature near 0 (below 1 sharpens, above 1 flattens)."""
     was_training = model.training
     model.eval()
     for _ in range(max_new_tokens):
@@ -236,7 +234,7 @@ def generate(model, idx, max_new_tokens, top_k=50, generator=None, temperature=1
         # lecture: draws from all V rows; the rows past GPT-2's 50257 tokens (a vocab_size padded to 50304) are
         # no token at all, and early in training one can win: masked, so no sample ever holds one
         logits[:, GPT2_VOCAB_SIZE:] = -float("inf")
-        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # the largest is 0: safe near 0
+        logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature  # lecture: none; the max is 0: safe
         probs = F.softmax(logits, dim=-1)  # (B, V)
         topk_probs, topk_idx = torch.topk(probs, min(top_k, probs.size(-1)), dim=-1)  # (B, k), (B, k)
         choice = torch.multinomial(topk_probs, 1, generator=generator)  # (B, 1), index into the top k
@@ -345,8 +343,7 @@ class DataLoaderLite:
     def next_batch(self):
         B, T = self.B, self.T
         buf = torch.from_numpy(self.read(self.chunk * B * T, B * T + 1).astype(np.int64))  # (B*T+1,)
-        if self.pin_memory:
-            # page-locked memory: only from there can the copy to the GPU run while the GPU keeps computing
+        if self.pin_memory:  # lecture: none; only from page-locked memory can the copy overlap the GPU's work
             buf = buf.pin_memory()
         x = buf[:-1].view(B, T)  # inputs (B, T)
         y = buf[1:].view(B, T)  # targets (B, T): each position's next token
@@ -366,7 +363,7 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
         return max_lr * (step + 1) / warmup_steps  # step 0 already gets a small nonzero lr
     if step >= max_steps:
         return min_lr
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1 (lecture: no max, no warmup=max)
     coeff = 0.5 * (1.0 + math.cos(math.pi * progress))  # 1 -> 0
     return min_lr + coeff * (max_lr - min_lr)
 
@@ -438,9 +435,10 @@ def train(args):
         loaders = (DataLoaderLite(s.data, B, T, ddp_rank, ddp_world_size, "train", s.seed, pin_memory=device_type == "cuda"),
                    DataLoaderLite(s.data, B, T, ddp_rank, ddp_world_size, "val", s.seed))
         rs.check_token_ids(s, *loaders)  # now, not at the first forward: every id needs a row of the embedding
-        return (*loaders, rs.load_hellaswag_examples(s), rs.load_resume_checkpoint(s, resume_path))
+        data_id = rs.data_fingerprint(s.data)  # a resumed run checks that it trains on the same tokens
+        return (*loaders, data_id, rs.load_hellaswag_examples(s), rs.load_resume_checkpoint(s, resume_path, data_id))
 
-    train_loader, val_loader, hella_examples, checkpoint = rs.on_every_node(load_data)
+    train_loader, val_loader, data_id, hella_examples, checkpoint = rs.load_on_every_node(load_data)
 
     # Speed-up (TF32): fp32 matmuls may use the tensor cores' TF32 (10-bit mantissa; 8x the fp32 peak on the
     # A100 datasheet). Whatever bf16 autocast leaves in fp32 gets faster too.
@@ -452,7 +450,7 @@ def train(args):
         model = GPT(GPTConfig(block_size=s.block_size, vocab_size=s.vocab_size, n_layer=s.n_layer,
                               n_head=s.n_head, n_embd=s.n_embd))
     else:  # lecture: always from scratch; --init_from fine-tunes OpenAI's GPT-2 (each node's local rank 0 first)
-        model = rs.on_every_node(lambda: GPT.from_pretrained(s.init_from))
+        model = rs.load_on_every_node(lambda: GPT.from_pretrained(s.init_from))
     rs.load_weights(model, checkpoint)  # when resuming: before the DDP wrap, so every process starts the same
     model.to(device)
     # lecture: raw_model = model.module after the DDP wrap, the compiled model; here the plain module, before
@@ -480,10 +478,10 @@ def train(args):
            f"steps x {ddp_world_size} processes")
     if s.compile:
         # Speed-up: torch.compile fuses the elementwise work (GELU, LayerNorm, residual adds) into few kernels and
-        # cuts Python overhead (2-core CPU, bf16: 1020 -> 633 ms per step, docs/benchmarks.md).
-        # lecture: off (use_compile = False), as it broke HellaSwag and sampling (they use raw_model here); and here
-        # it is tried on one micro-batch first: where it fails (no C++ compiler, no Triton) the run goes on without
-        model = rs.compiled_if_it_works(torch.compile(model), model, B, T, device, autocast, print0)
+        # cuts Python overhead (2-core AMD EPYC, bf16: 1020 -> 633 ms per step, docs/benchmarks.md).
+        # lecture: off (use_compile = False), as it broke HellaSwag and sampling (they use raw_model here). And
+        # first a small function is compiled, where compiling can fail (no C++ compiler, no Triton): then no compile
+        model = torch.compile(model) if rs.compile_works(device, print0) else model
     if ddp:
         # DDP all-reduces (averages) the gradients across processes during backward
         model = DDP(model, device_ids=[ddp_local_rank] if device_type == "cuda" else None)
@@ -553,7 +551,7 @@ def train(args):
             run_folder.log(f"{step} hella {acc_norm:.4f}")
 
         # samples from the model as it is now; lecture: on every process, each with its own seed 42 + rank
-        if evaluate_now and master_process and s.sample_every > 0 and ((step > 0 and step % s.sample_every == 0) or last_step):
+        if evaluate_now and master_process and s.sample_every > 0 and (step > 0 and step % s.sample_every == 0 or last_step):
             with autocast():
                 _, texts = sample(raw_model, "Hello, I'm a language model,", num_return_sequences=4, max_length=32,
                                   seed=42, device=device)
@@ -576,7 +574,7 @@ def train(args):
                 "loader": train_loader.state_dict(),  # where in the data the next step starts
                 "rng": rs.rng_state(device_type, device),
                 "settings": vars(s),  # a resumed run must do the same math; --eval reruns its validation
-                "data": rs.data_fingerprint(s.data),  # a resumed run checks that its data is this same data
+                "data": data_id,  # what identifies the data (a text file's sha256): a resumed run compares
             })
         if last_step:
             break
@@ -592,7 +590,7 @@ def train(args):
         loss_accum = 0.0
         for micro_step in range(grad_accum_steps):
             x, y = train_loader.next_batch()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)  # lecture: blocking copies
             if ddp:
                 # gradients are all-reduced in the last micro-step's backward only; the others add up locally
                 model.require_backward_grad_sync = micro_step == grad_accum_steps - 1

@@ -96,7 +96,7 @@ DIFFERENCES = [
     "loss_sum, stop_votes, norm = torch.cat(",  # one read-back per step
     "for step in range(start_step, s.max_steps + 1):",  # one iteration more than steps
     "raw_model = model",  # the uncompiled model
-    "model = rs.compiled_if_it_works(torch.compile(model)",  # compile on by default (on CUDA), tried first
+    "model = torch.compile(model) if rs.compile_works(",  # compile on by default (on CUDA), tried first
     "B = rs.fit_batch_to_memory(",  # the micro-batch that fits
     "scaler = torch.amp.GradScaler(",  # fp16's gradient scaler
     "scaler.scale(loss).backward()",
