@@ -323,7 +323,8 @@ def table_config(args, rt):
     """The default: train_gpt2.py's own configuration (timed at each batch size)."""
     on_gpu = rt.device_type == "cuda"
     return StepConfig(tf32=on_gpu, bf16=on_gpu and rt.dtype == "bfloat16", compile=args.compile,
-                      fused_adamw=on_gpu, vocab_size=args.vocab_size, chunked_loss=args.chunked_loss)
+                      fused_adamw=rt.device_type in ("cuda", "cpu"), vocab_size=args.vocab_size,
+                      chunked_loss=args.chunked_loss)
 
 
 def run_table(args, rt):

@@ -28,7 +28,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     its matmuls. Here the rows go through in chunks, all in one reused buffer, and each chunk's gradients are
     worked out during the forward pass while its logits are at hand: d loss / d logits = softmax(logits) -
     one_hot(target), divided by N for the mean. The backward pass only scales the saved gradients.
-    Speed-up, measured on CPUs (4 layers, 256 wide, B=8, T=256, V=50304, fp32): 0.77x the training step time of
+    Speed-up, measured on CPUs (4 layers, 256 wide, B=8, T=256, V=50304, fp32): 0.74x the training step time of
     GPT.forward's plain loss, side by side in one run on a 2-core Intel Xeon (README, "How fast"); 0.58x-0.74x
     the time of Hugging Face's GPT2LMHeadModel on a 2-core AMD EPYC (docs/benchmarks.md). Under bf16 autocast plus
     torch.compile that AMD CPU ran the plain loss faster (docs/benchmarks.md); GPUs: not yet measured.
