@@ -715,6 +715,18 @@ def all_processes_agree(ok, device):
     return bool(flag.item())
 
 
+def raise_on_every_process(problem):
+    """Rank 0's outcome (None, or the exception to stop with) raised on every process at once, so that a failure
+    on rank 0 stops the whole job with one line instead of leaving the others waiting in a collective."""
+    if dist.is_initialized():
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem is not None:
+        problem.shared = True
+        raise problem
+
+
 def memory_of(device):
     """What this process has to train in, in words: a GPU's free memory, or the machine's for a CPU."""
     if device.startswith("cuda"):
@@ -960,13 +972,7 @@ class RunFolder:
                 problem = SharedUserError(str(e))
             except OSError as e:  # a full disk, the folder gone, permission lost
                 problem = RunFailed(f"could not write the run's files in {s.log_dir} ({e.strerror or e})")
-                problem.shared = True
-        if dist.is_initialized():
-            box = [problem]
-            dist.broadcast_object_list(box, src=0)
-            problem = box[0]
-        if problem is not None:
-            raise problem
+        raise_on_every_process(problem)
 
     def start(self, start_step, resumed, config):
         s = self.s
@@ -1016,13 +1022,7 @@ class RunFolder:
                     problem = RunFailed(f"could not save checkpoint {path} ({e.strerror or e}); nothing of it was "
                                         f"left, {self.newest_checkpoint()}: free space or fix the folder, then "
                                         f"--resume auto")
-        if dist.is_initialized():
-            box = [problem]
-            dist.broadcast_object_list(box, src=0)
-            problem = box[0]
-        if problem is not None:
-            problem.shared = True
-            raise problem
+        raise_on_every_process(problem)
         if self.master_process:
             print(f"saved checkpoint {path}", flush=True)
             if self.s.keep_checkpoints > 0:
